@@ -1,0 +1,260 @@
+"""The in-memory adapter: plain dataclasses for targets, the base binding and the whole file.
+
+Tensors are torch tensors, loaded lazily from the file they came from, so building an ``Adapter``
+from a header imports no torch. ΔW of a target is ``scale · lora_B @ lora_A`` in the ``[out, in]``
+orientation of ``torch.nn.Linear`` (spec §3); ``kind`` says how that lands on the stored weight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from . import constants as C
+
+if TYPE_CHECKING:
+    import torch
+
+TensorLoader = Callable[[str], "torch.Tensor"]
+
+
+def scale_for(alpha: float, rank: int, scale_rule: str) -> float:
+    """The multiplier on B·A: α/r (standard) or α/√r (rsLoRA)."""
+    return alpha / math.sqrt(rank) if scale_rule == C.SCALE_RSLORA else alpha / rank
+
+
+def alpha_for(scale: float, rank: int, scale_rule: str) -> float:
+    """The alpha that gives ``scale`` at ``rank`` under ``scale_rule`` (inverse of scale_for)."""
+    return scale * math.sqrt(rank) if scale_rule == C.SCALE_RSLORA else scale * rank
+
+
+def weight_shape(kind: str, in_features: int, out_features: int) -> tuple[int, int]:
+    """Shape of the base weight ``M.weight`` as the base model stores it (spec §3.2)."""
+    if kind == C.KIND_LINEAR:
+        return (out_features, in_features)
+    return (in_features, out_features)  # conv1d stores [in, out]; embedding [num_embeddings, dim]
+
+
+def fingerprint(weights: Iterable[tuple[str, Iterable[int]]]) -> str:
+    """Spec §4.3: SHA-256 over sorted ``name:d0xd1\\n`` lines of the targeted base weights."""
+    lines = sorted(f"{name}:{'x'.join(str(int(d)) for d in shape)}\n" for name, shape in weights)
+    return C.FINGERPRINT_PREFIX + hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+class Target:
+    """One adapted module: its factors and the numbers that say how to apply them."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        rank: int,
+        alpha: float,
+        in_features: int,
+        out_features: int,
+        scale_rule: str = C.SCALE_STANDARD,
+        kind: str = C.KIND_LINEAR,
+        dtype: str = "F32",
+        lora_A: torch.Tensor | None = None,
+        lora_B: torch.Tensor | None = None,
+        loader: TensorLoader | None = None,
+    ) -> None:
+        self.name = name
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.scale_rule = scale_rule
+        self.kind = kind
+        self.dtype = dtype  # safetensors dtype name of the factors: F32, F16 or BF16
+        self._A = lora_A
+        self._B = lora_B
+        self._loader = loader
+
+    @classmethod
+    def from_factors(
+        cls,
+        name: str,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        *,
+        alpha: float | None = None,
+        scale_rule: str = C.SCALE_STANDARD,
+        kind: str = C.KIND_LINEAR,
+    ) -> Target:
+        """A target from tensors A ``[r, in]`` and B ``[out, r]``; alpha defaults to r (scale 1)."""
+        from .format import dtype_name
+
+        rank, in_features = lora_A.shape
+        out_features, rank_b = lora_B.shape
+        if rank_b != rank:
+            raise ValueError(f"{name}: lora_B has rank {rank_b} but lora_A has rank {rank}")
+        if lora_A.dtype != lora_B.dtype:
+            raise ValueError(f"{name}: lora_A is {lora_A.dtype} but lora_B is {lora_B.dtype}")
+        return cls(
+            name,
+            rank=rank,
+            alpha=float(rank) if alpha is None else alpha,
+            in_features=in_features,
+            out_features=out_features,
+            scale_rule=scale_rule,
+            kind=kind,
+            dtype=dtype_name(lora_A.dtype),
+            lora_A=lora_A,
+            lora_B=lora_B,
+        )
+
+    @property
+    def scale(self) -> float:
+        return scale_for(self.alpha, self.rank, self.scale_rule)
+
+    @property
+    def lora_A(self) -> torch.Tensor:
+        if self._A is None:
+            assert self._loader is not None, "target without tensors or loader"
+            self._A = self._loader(self.name + C.LORA_A_SUFFIX)
+        return self._A
+
+    @property
+    def lora_B(self) -> torch.Tensor:
+        if self._B is None:
+            assert self._loader is not None, "target without tensors or loader"
+            self._B = self._loader(self.name + C.LORA_B_SUFFIX)
+        return self._B
+
+    @property
+    def weight_name(self) -> str:
+        return self.name + ".weight"
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return weight_shape(self.kind, self.in_features, self.out_features)
+
+    @property
+    def num_params(self) -> int:
+        return self.rank * (self.in_features + self.out_features)
+
+    def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense ``scale · B @ A`` in ``[out, in]``, computed in fp32 (or ``dtype``).
+
+        Only for merging and tests: algebra on the adapter works on the factors (lowrank.py).
+        """
+        import torch
+
+        dt = dtype or torch.float32
+        return (self.lora_B.to(dt) @ self.lora_A.to(dt)) * self.scale
+
+    def header(self) -> dict[str, Any]:
+        """This target's entry in ``loratool.targets`` (spec §4.2)."""
+        return {
+            "alpha": self.alpha,
+            "in_features": self.in_features,
+            "kind": self.kind,
+            "out_features": self.out_features,
+            "rank": self.rank,
+            "scale_rule": self.scale_rule,
+        }
+
+    def replace(self, **changes: Any) -> Target:
+        """A copy with some fields changed (tensors are shared, not copied)."""
+        kw: dict[str, Any] = dict(
+            rank=self.rank,
+            alpha=self.alpha,
+            in_features=self.in_features,
+            out_features=self.out_features,
+            scale_rule=self.scale_rule,
+            kind=self.kind,
+            dtype=self.dtype,
+        )
+        if "lora_A" not in changes and "lora_B" not in changes:
+            kw.update(lora_A=self._A, lora_B=self._B, loader=self._loader)
+        kw.update(changes)
+        name = kw.pop("name", self.name)
+        return Target(name, **kw)
+
+    def __repr__(self) -> str:
+        return (
+            f"Target({self.name!r}, rank={self.rank}, alpha={self.alpha}, scale={self.scale:.6g}, "
+            f"kind={self.kind}, in={self.in_features}, out={self.out_features}, dtype={self.dtype})"
+        )
+
+
+@dataclass
+class BaseBinding:
+    """Which base model the adapter belongs to (spec §4.3)."""
+
+    fingerprint: str
+    hub_id: str | None = None
+    revision: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown keys, kept on round trips
+
+    def header(self) -> dict[str, Any]:
+        return {
+            **self.extra,
+            "fingerprint": self.fingerprint,
+            "hub_id": self.hub_id,
+            "revision": self.revision,
+        }
+
+
+@dataclass
+class Adapter:
+    """A whole adapter file: targets by module name, base binding, provenance, other metadata."""
+
+    targets: dict[str, Target]
+    base: BaseBinding | None = None  # None: derived from the targets (no hub id) when saved
+    provenance: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)  # keys loratool does not know, kept
+    version: str = C.FORMAT_VERSION
+    path: str | None = None  # where it was read from, if anywhere
+    sha256: str | None = None  # the integrity hash recorded in the file, if read from one
+
+    @classmethod
+    def from_targets(
+        cls,
+        targets: Iterable[Target],
+        *,
+        hub_id: str | None = None,
+        revision: str | None = None,
+        provenance: Mapping[str, Any] | None = None,
+    ) -> Adapter:
+        ts = {t.name: t for t in targets}
+        adapter = cls(targets=ts, provenance=dict(provenance or {}))
+        adapter.base = BaseBinding(adapter.computed_fingerprint(), hub_id=hub_id, revision=revision)
+        return adapter
+
+    def computed_fingerprint(self) -> str:
+        return fingerprint((t.weight_name, t.weight_shape) for t in self.targets.values())
+
+    def binding(self) -> BaseBinding:
+        """The base binding, with the fingerprint always matching the targets."""
+        fp = self.computed_fingerprint()
+        if self.base is None:
+            return BaseBinding(fp)
+        return BaseBinding(fp, self.base.hub_id, self.base.revision, dict(self.base.extra))
+
+    @property
+    def total_params(self) -> int:
+        return sum(t.num_params for t in self.targets.values())
+
+    @property
+    def dtypes(self) -> list[str]:
+        return sorted({t.dtype for t in self.targets.values()})
+
+    def save(self, path: str | os.PathLike[str], *, force: bool = False) -> None:
+        """Write this adapter in canonical bytes (spec §5), atomically."""
+        from .format import save
+
+        save(self, path, force=force)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """``{'<module>.lora_A': A, '<module>.lora_B': B}`` for every target."""
+        out: dict[str, torch.Tensor] = {}
+        for t in self.targets.values():
+            out[t.name + C.LORA_A_SUFFIX] = t.lora_A
+            out[t.name + C.LORA_B_SUFFIX] = t.lora_B
+        return out

@@ -1,0 +1,238 @@
+"""Base checkpoints, read header-first and tensor by tensor: one file or a sharded HF directory.
+
+A ``Checkpoint`` validates every shard's safetensors header (the same container rules as adapters,
+with every safetensors dtype allowed), maps tensor names to shards, and reads one tensor at a
+time with ``os.pread`` into a private buffer, so resident memory stays at one tensor rather than
+a memory-mapped shard. It also resolves an adapter's module names against the checkpoint's keys
+and computes the base fingerprint (spec §4.3) that binds adapters to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .adapter import Adapter, fingerprint
+from .errors import CompatibilityError, FormatError
+from .format import TensorInfo, is_pickle, parse_container, read_head
+
+if TYPE_CHECKING:
+    import torch
+
+# Every dtype the safetensors format defines, with its element size in bytes.
+ALL_DTYPES: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class Entry:
+    shard: Path
+    info: TensorInfo
+    data_start: int  # absolute offset of the shard's data section
+
+
+def torch_dtype_of(name: str) -> torch.dtype:
+    import torch
+
+    table = {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+        "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+        "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    }  # fmt: skip
+    return table[name]
+
+
+def safetensors_dtype_of(dtype: torch.dtype) -> str:
+    for name in ALL_DTYPES:
+        if torch_dtype_of(name) == dtype:
+            return name
+    raise FormatError(f"dtype {dtype} has no safetensors name", code="dtype")
+
+
+class Checkpoint:
+    """A base model's weights: ``path`` is a HF directory or a single ``.safetensors`` file."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.is_dir = self.path.is_dir()
+        self.index: dict[str, object] | None = None  # the parsed index.json of a sharded dir
+        self.shards = self._find_shards()
+        self.entries: dict[str, Entry] = {}
+        self.shard_metadata: dict[Path, dict[str, str]] = {}
+        self.shard_tensors: dict[Path, list[str]] = {}
+        for shard in self.shards:
+            head, size = read_head(str(shard))
+            n, tensors, meta = parse_container(head, size, str(shard), dtypes=ALL_DTYPES)
+            self.shard_metadata[shard] = meta
+            self.shard_tensors[shard] = sorted(tensors, key=lambda k: tensors[k].begin)
+            for name, info in tensors.items():
+                if name in self.entries:
+                    raise FormatError(
+                        f"tensor '{name}' appears in two shards",
+                        code="duplicate-key",
+                        where=str(shard),
+                    )
+                self.entries[name] = Entry(shard, info, 8 + n)
+
+    def _find_shards(self) -> list[Path]:
+        p = self.path
+        if not p.exists():
+            raise FormatError(
+                "no such file or directory", code="not-found", where=str(p), hint="check the path"
+            )
+        if not p.is_dir():
+            if is_pickle(p):
+                raise FormatError(
+                    "pickle checkpoints are never loaded", code="pickle", where=str(p),
+                    hint="save the model with safetensors (save_pretrained(..., safe_serialization=True))",
+                )  # fmt: skip
+            return [p]
+        index = p / INDEX_NAME
+        if index.exists():
+            try:
+                doc = json.loads(index.read_text())
+                weight_map = doc["weight_map"]
+                names = sorted(set(weight_map.values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise FormatError(
+                    f"unreadable index ({e})", code="bad-index", where=str(index)
+                ) from None
+            self.index = doc
+            shards = []
+            for name in names:
+                if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
+                    raise FormatError(
+                        f"shard name {name!r} is not a plain file name",
+                        code="bad-index",
+                        where=str(index),
+                    )
+                if not (p / name).exists():
+                    raise FormatError(
+                        f"shard '{name}' listed in the index is missing",
+                        code="bad-index",
+                        where=str(index),
+                    )
+                shards.append(p / name)
+            return shards
+        if (p / SINGLE_NAME).exists():
+            return [p / SINGLE_NAME]
+        pickles = [f.name for f in p.iterdir() if is_pickle(f)]
+        hint = (
+            f"found only pickle weights ({', '.join(sorted(pickles))}); re-save them with safetensors"
+            if pickles
+            else "expected model.safetensors or model.safetensors.index.json"
+        )
+        raise FormatError(
+            "no safetensors weights in this directory", code="not-found", where=str(p), hint=hint
+        )
+
+    # -- names and shapes ---------------------------------------------------------------------
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name].info.shape
+
+    def dtype(self, name: str) -> str:
+        return self.entries[name].info.dtype
+
+    def resolve(self, module: str) -> str | None:
+        """The key of ``module``'s weight here, tolerating a wrapper prefix on either side.
+
+        HF checkpoints sometimes drop or add the model's base prefix (``transformer.``,
+        ``model.``, ``bert.``) relative to module paths; a unique match is accepted.
+        """
+        exact = module + ".weight"
+        if exact in self.entries:
+            return exact
+        candidates = {k for k in self.entries if k.endswith("." + exact)}
+        parts = module.split(".", 1)
+        if len(parts) == 2 and parts[1] + ".weight" in self.entries:
+            candidates.add(parts[1] + ".weight")
+        return candidates.pop() if len(candidates) == 1 else None
+
+    def fingerprint_for(self, adapter: Adapter) -> str:
+        """Spec §4.3 fingerprint of this base over the adapter's target names (as the adapter names them)."""
+        pairs = []
+        for t in adapter.targets.values():
+            key = self.resolve(t.name)
+            pairs.append((t.weight_name, self.shape(key) if key else ()))
+        return fingerprint(pairs)
+
+    def check_fits(self, adapter: Adapter, *, force: bool = False) -> dict[str, str]:
+        """Map each target to its weight key, or raise ``CompatibilityError`` naming the first misfit.
+
+        With ``force`` a differing fingerprint is accepted, but missing modules and wrong shapes
+        never are (the add would fail or silently broadcast).
+        """
+        keys: dict[str, str] = {}
+        for t in sorted(adapter.targets.values(), key=lambda t: t.name):
+            key = self.resolve(t.name)
+            if key is None:
+                raise CompatibilityError(
+                    f"target '{t.name}' has no weight in the base",
+                    code="missing-module",
+                    where=str(self.path),
+                    hint="is this the base model the adapter was trained on?",
+                )
+            if tuple(self.shape(key)) != tuple(t.weight_shape):
+                raise CompatibilityError(
+                    f"target '{t.name}' expects weight shape {list(t.weight_shape)} but '{key}' is {list(self.shape(key))}",
+                    code="shape-mismatch",
+                    where=str(self.path),
+                    hint="the adapter was made for a different base model",
+                )
+            keys[t.name] = key
+        recorded = adapter.binding().fingerprint
+        if not force and recorded != self.fingerprint_for(adapter):
+            raise CompatibilityError(
+                "the base's fingerprint differs from the adapter's binding",
+                code="fingerprint-mismatch",
+                where=str(self.path),
+                hint="pass --force to apply it anyway",
+            )
+        return keys
+
+    # -- data ---------------------------------------------------------------------------------
+
+    def read_bytes(self, name: str) -> bytearray:
+        e = self.entries[name]
+        size = e.info.end - e.info.begin
+        buf = bytearray(size)
+        with open(e.shard, "rb", buffering=0) as f:
+            view = memoryview(buf)
+            pos = 0
+            while pos < size:
+                got = os.preadv(f.fileno(), [view[pos:]], e.data_start + e.info.begin + pos)
+                if got <= 0:
+                    raise FormatError(
+                        f"tensor '{name}' ends past the end of the file",
+                        code="truncated",
+                        where=str(e.shard),
+                    )
+                pos += got
+        return buf
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, in its stored dtype, in a private (not memory-mapped) buffer."""
+        import torch
+
+        info = self.entries[name].info
+        buf = self.read_bytes(name)
+        if not buf:
+            return torch.empty(info.shape, dtype=torch_dtype_of(info.dtype))
+        return torch.frombuffer(buf, dtype=torch_dtype_of(info.dtype)).reshape(info.shape)
+
+    def other_files(self) -> Iterable[Path]:
+        """Non-weight files of a checkpoint directory (config, tokenizer, ...), top level and below."""
+        if not self.is_dir:
+            return []
+        skip = {*self.shards, self.path / INDEX_NAME}
+        return sorted(f for f in self.path.rglob("*") if f.is_file() and f not in skip)

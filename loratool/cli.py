@@ -1,0 +1,88 @@
+"""The ``loratool`` command line: a thin click layer over the library, with one error boundary.
+
+Commands live one per module in ``loratool/commands`` and are imported only when run, so
+``loratool inspect`` never pays for torch or transformers. User mistakes (``LoratoolError`` and
+click's usage errors) print one line and a hint on stderr and exit with a documented code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any
+
+import click
+
+from .console import print_error
+from .errors import EXIT_INTERRUPTED, LoratoolError
+
+# name -> (module in loratool.commands, one-line help). Order is the order of `loratool --help`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "inspect": ("inspect", "Summarise an adapter: base binding, targets, sizes, integrity."),
+    "verify": ("verify", "Check an adapter against every rule of the spec and its integrity hash."),
+    "convert": ("convert", "Convert between loratool, PEFT, kohya and GGUF adapters."),
+    "merge": ("merge", "Merge adapters into a base checkpoint, streaming tensor by tensor."),
+    "unmerge": ("unmerge", "Take merged adapters back out of a checkpoint."),
+    "reduce-rank": ("reduce_rank", "Shrink an adapter's rank exactly (QR core, no dense SVD)."),
+    "combine": ("combine", "Exact weighted sum of adapters, optionally at a lower rank."),
+    "extract": ("extract", "Extract a LoRA from the difference of two checkpoints."),
+    "train": ("train", "Train a LoRA adapter on a jsonl data set."),
+    "eval-retrieval": (
+        "eval_retrieval",
+        "Recall@k and MRR of a sentence encoder, with or without an adapter.",
+    ),
+    "push": ("push", "Upload an adapter to the Hugging Face Hub with a model card and PEFT files."),
+    "pull": ("pull", "Download and verify an adapter from the Hugging Face Hub."),
+}
+
+
+def _available(name: str) -> bool:
+    module = COMMANDS[name][0]
+    return importlib.util.find_spec(f"loratool.commands.{module}") is not None
+
+
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name in COMMANDS if _available(name)]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS or not _available(cmd_name):
+            return None
+        module = importlib.import_module(f"loratool.commands.{COMMANDS[cmd_name][0]}")
+        command: click.Command = module.command
+        return command
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LoratoolError as e:
+            print_error(e)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            print_error(
+                LoratoolError("interrupted", code="interrupted", hint="run the command again")
+            )
+            ctx.exit(EXIT_INTERRUPTED)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="loratool")
+def cli() -> None:
+    """loratool: train, store, inspect, merge, reduce and share LoRA adapters.
+
+    Exit codes: 0 ok, 2 usage, 3 invalid file, 4 adapter does not fit the base,
+    5 Hub or network, 6 training failed, 130 interrupted.
+    """
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    cli.main(args=argv, prog_name="loratool")

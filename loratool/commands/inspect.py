@@ -1,0 +1,97 @@
+"""``loratool inspect``: a summary and per-target table, or one JSON document with ``--json``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from ..console import emit_json, human_bytes, stdout_console
+
+
+@click.command("inspect")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.option(
+    "--stats", is_flag=True, help="Add exact ‖ΔW‖ and effective rank per target (reads tensors)."
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    help="Write singular-value spectra to a PNG (needs matplotlib).",
+)
+def command(path: str, as_json: bool, stats: bool, plot: str | None) -> None:
+    """Summarise the adapter at PATH (a loratool file or any format `convert` reads)."""
+    from ..inspect import describe
+
+    doc = describe(path, stats=stats or plot is not None)
+    if plot:
+        from ..plot import plot_spectra
+
+        plot_spectra(doc, plot)
+    if as_json:
+        emit_json(doc)
+    else:
+        _render(doc, stats)
+
+
+def _fmt_alpha(x: float) -> str:
+    return f"{x:g}"
+
+
+def _render(doc: dict[str, Any], stats: bool) -> None:
+    from rich.table import Table
+
+    console = stdout_console()
+    base = doc["base_model"]
+    version = f" v{doc['format_version']}" if doc["format_version"] else ""
+    console.print(f"[bold]{doc['path']}[/bold]  ({doc['source_format']}{version})")
+    rows = [
+        (
+            "base model",
+            f"{base['hub_id'] or '(no hub id)'}"
+            + (f" @ {base['revision']}" if base["revision"] else ""),
+        ),
+        ("fingerprint", base["fingerprint"]),
+        ("targets", str(doc["num_targets"])),
+        ("parameters", f"{doc['total_params']:,}"),
+        ("dtype", ", ".join(doc["dtypes"])),
+        ("file size", f"{human_bytes(doc['file_bytes'])} ({doc['file_bytes']:,} bytes)"),
+    ]
+    integrity = doc["integrity"]
+    if integrity.get("sha256"):
+        state = {True: "verified", False: "MISMATCH"}.get(
+            integrity.get("ok"), "recorded, not checked (run verify)"
+        )
+        rows.append(("integrity", f"sha256 {integrity['sha256'][:16]}… {state}"))
+    if doc["provenance"]:
+        rows.append(("provenance", ", ".join(sorted(doc["provenance"]))))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        console.print(f"  {key:<{width}}  {value}", markup=False)
+
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("target", "kind", "rank", "alpha", "scale", "in", "out", "dtype"):
+        table.add_column(col, justify="left" if col in ("target", "kind", "dtype") else "right")
+    if stats:
+        table.add_column("‖ΔW‖", justify="right")
+        table.add_column("eff. rank", justify="right")
+    for t in doc["targets"]:
+        scale = f"{t['scale']:.4g}" + (" (rs)" if t["scale_rule"] == "rslora" else "")
+        cells = [
+            t["name"],
+            t["kind"],
+            str(t["rank"]),
+            _fmt_alpha(t["alpha"]),
+            scale,
+            str(t["in_features"]),
+            str(t["out_features"]),
+            t["dtype"],
+        ]
+        if stats:
+            cells += [
+                f"{t['delta_norm']:.4g}",
+                f"{t['effective_rank']:.2f} ({t['numerical_rank']})",
+            ]
+        table.add_row(*cells)
+    console.print(table)

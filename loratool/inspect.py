@@ -1,0 +1,65 @@
+"""What ``loratool inspect`` reports about an adapter, as plain data (no printing, no torch)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from . import constants as C
+from .format import iter_targets
+from .sources import open_adapter
+
+
+def describe(path: str | os.PathLike[str], *, stats: bool = False) -> dict[str, Any]:
+    """The inspect document: one JSON-ready dict (see README "inspect --json").
+
+    Reads only the header unless ``stats`` is set; with ``stats``, adds per target the exact
+    ‖ΔW‖_F and effective ranks from the QR-core spectrum (never a dense B·A).
+    """
+    opened = open_adapter(path)
+    adapter = opened.adapter
+    binding = adapter.binding()
+    targets: list[dict[str, Any]] = []
+    for t in iter_targets(adapter):
+        row: dict[str, Any] = {
+            "name": t.name,
+            "kind": t.kind,
+            "rank": t.rank,
+            "alpha": t.alpha,
+            "scale_rule": t.scale_rule,
+            "scale": t.scale,
+            "in_features": t.in_features,
+            "out_features": t.out_features,
+            "dtype": C.DTYPE_NAMES.get(t.dtype, t.dtype),
+            "params": t.num_params,
+        }
+        if stats:
+            from .lowrank import spectrum
+
+            sp = spectrum(t)
+            row.update(
+                delta_norm=sp.frobenius,
+                numerical_rank=sp.numerical_rank,
+                effective_rank=sp.effective_rank,
+                singular_values=sp.singular_values,
+            )
+        targets.append(row)
+    doc: dict[str, Any] = {
+        "path": opened.path,
+        "source_format": opened.format,
+        "format_version": adapter.version if opened.format == "loratool" else None,
+        "file_bytes": opened.file_bytes,
+        "total_params": adapter.total_params,
+        "dtypes": [C.DTYPE_NAMES.get(d, d) for d in adapter.dtypes],
+        "base_model": {
+            "hub_id": binding.hub_id,
+            "revision": binding.revision,
+            "fingerprint": binding.fingerprint,
+        },
+        "integrity": {"sha256": adapter.sha256, "checked": False},
+        "provenance": adapter.provenance,
+        "metadata": adapter.metadata,
+        "num_targets": len(targets),
+        "targets": targets,
+    }
+    return doc
