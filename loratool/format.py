@@ -180,7 +180,7 @@ def _tensor_info(name: str, entry: Any, where: str, dtypes: Mapping[str, int]) -
         and all(_is_int(o) and o >= 0 for o in offsets)
     ):
         raise _fail("tensor-entry", f"tensor '{name}' has invalid data_offsets {offsets!r}", where)
-    if dtype not in dtypes:
+    if not isinstance(dtype, str) or dtype not in dtypes:
         raise _fail(
             "dtype",
             f"tensor '{name}' has dtype {dtype!r}; allowed: {', '.join(dtypes)}",
