@@ -21,8 +21,8 @@ fixtures: setup
 	HF_HUB_OFFLINE=1 $(PY) fixtures/models.py all
 
 lint: setup
-	$(VENV)/bin/ruff check loratool tests fixtures benchmarks demo
-	$(VENV)/bin/ruff format --check loratool tests fixtures benchmarks demo
+	$(VENV)/bin/ruff check loratool tests fixtures benchmarks $(wildcard demo)
+	$(VENV)/bin/ruff format --check loratool tests fixtures benchmarks $(wildcard demo)
 	$(VENV)/bin/mypy
 
 test: setup fixtures lint
