@@ -100,12 +100,23 @@ def canonical_json(value: Any) -> str:
 
 
 def is_pickle(path: str | os.PathLike[str], first_bytes: bytes = b"") -> bool:
-    """A pickle or torch zip by suffix or magic bytes (0x80 protocol opcode, 'PK' zip)."""
+    """A pickle or torch zip, by suffix or by magic bytes (pickle protocol 2-5 opcode, zip 'PK').
+
+    The magic test alone is ambiguous (a safetensors header length can start with 0x80), so
+    ``parse_container`` applies it only to files that are not a well-formed safetensors container.
+    """
+    if str(path).lower().endswith(PICKLE_SUFFIXES):
+        return True
     return (
-        str(path).lower().endswith(PICKLE_SUFFIXES)
-        or first_bytes[:1] == b"\x80"
-        or first_bytes[:4] == b"PK\x03\x04"
-    )
+        first_bytes[:1] == b"\x80" and first_bytes[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    ) or (first_bytes[:4] == b"PK\x03\x04")
+
+
+def _looks_like_safetensors(head: bytes, file_bytes: int) -> bool:
+    if len(head) < C.HEADER_LENGTH_BYTES + 1:
+        return False
+    (n,) = struct.unpack("<Q", head[: C.HEADER_LENGTH_BYTES])
+    return C.HEADER_LENGTH_BYTES + n <= file_bytes and head[8:9] == b"{"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +131,9 @@ def parse_container(
     ``dtypes`` maps the dtype names allowed to their element sizes: adapters allow f32/f16/bf16,
     base checkpoints (loratool/checkpoint.py) every safetensors dtype.
     """
-    if is_pickle(where, head):
+    if str(where).lower().endswith(PICKLE_SUFFIXES) or (
+        is_pickle(where, head) and not _looks_like_safetensors(head, file_bytes)
+    ):
         raise _fail("pickle", "this is a pickle file, not safetensors", where, _PICKLE_HINT)
     if file_bytes < C.HEADER_LENGTH_BYTES or len(head) < C.HEADER_LENGTH_BYTES:
         raise _fail(
@@ -380,7 +393,7 @@ def read_head(path: str) -> tuple[bytes, int]:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             first = f.read(C.HEADER_LENGTH_BYTES)
-            if len(first) == C.HEADER_LENGTH_BYTES and not is_pickle(path, first):
+            if len(first) == C.HEADER_LENGTH_BYTES:
                 (n,) = struct.unpack("<Q", first)
                 if n <= min(C.MAX_HEADER_BYTES, size - C.HEADER_LENGTH_BYTES):
                     first += f.read(n)
