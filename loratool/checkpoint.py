@@ -204,13 +204,23 @@ class Checkpoint:
 
     def read_bytes(self, name: str) -> bytearray:
         e = self.entries[name]
-        size = e.info.end - e.info.begin
-        buf = bytearray(size)
+        buf = bytearray(e.info.end - e.info.begin)
+        self.read_into(name, memoryview(buf))
+        return buf
+
+    def read_into(self, name: str, out: memoryview, *, offset: int = 0) -> None:
+        """Fill ``out`` with bytes ``offset .. offset + len(out)`` of tensor ``name`` (pread).
+
+        ``out`` may be any writable buffer, e.g. pinned memory a GPU copies from.
+        """
+        e = self.entries[name]
+        size = len(out)
+        if offset < 0 or offset + size > e.info.end - e.info.begin:
+            raise ValueError(f"bytes {offset}..{offset + size} are outside tensor '{name}'")
         with open(e.shard, "rb", buffering=0) as f:
-            view = memoryview(buf)
             pos = 0
             while pos < size:
-                got = os.preadv(f.fileno(), [view[pos:]], e.data_start + e.info.begin + pos)
+                got = os.preadv(f.fileno(), [out[pos:]], e.data_start + e.info.begin + offset + pos)
                 if got <= 0:
                     raise FormatError(
                         f"tensor '{name}' ends past the end of the file",
@@ -218,7 +228,6 @@ class Checkpoint:
                         where=str(e.shard),
                     )
                 pos += got
-        return buf
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor, in its stored dtype, in a private (not memory-mapped) buffer."""
