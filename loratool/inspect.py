@@ -7,7 +7,17 @@ from typing import Any
 
 from . import constants as C
 from .format import iter_targets
-from .sources import open_adapter
+from .sources import Opened, open_adapter
+
+
+def _integrity(opened: Opened, *, checked: bool) -> dict[str, Any]:
+    """The recorded hash; with ``checked`` (``--stats`` reads the data anyway) also whether it holds."""
+    doc: dict[str, Any] = {"sha256": opened.adapter.sha256, "checked": False}
+    if checked and opened.header is not None:
+        from .format import data_sha256
+
+        doc.update(checked=True, ok=data_sha256(opened.header) == opened.adapter.sha256)
+    return doc
 
 
 def describe(path: str | os.PathLike[str], *, stats: bool = False) -> dict[str, Any]:
@@ -56,7 +66,7 @@ def describe(path: str | os.PathLike[str], *, stats: bool = False) -> dict[str, 
             "revision": binding.revision,
             "fingerprint": binding.fingerprint,
         },
-        "integrity": {"sha256": adapter.sha256, "checked": False},
+        "integrity": _integrity(opened, checked=stats),
         "provenance": adapter.provenance,
         "metadata": adapter.metadata,
         "num_targets": len(targets),

@@ -143,3 +143,17 @@ def test_python_dash_m_works() -> None:
         text=True,
     )
     assert out.returncode == 0 and json.loads(out.stdout)["num_targets"] == 1
+
+
+def test_inspect_stats_checks_integrity() -> None:
+    bad = run(
+        "inspect", str(FIXTURES / "invalid" / "21-integrity.safetensors"), "--stats", "--json"
+    )
+    good = run("inspect", GOLDEN, "--stats", "--json")
+    assert json.loads(bad.stdout)["integrity"] == {
+        "sha256": json.loads(bad.stdout)["integrity"]["sha256"],
+        "checked": True,
+        "ok": False,
+    }
+    assert json.loads(good.stdout)["integrity"]["ok"] is True
+    assert json.loads(run("inspect", GOLDEN, "--json").stdout)["integrity"]["checked"] is False
