@@ -37,6 +37,12 @@ def open_adapter(path: str | os.PathLike[str]) -> Opened:
     from .errors import FormatError
 
     p = os.fspath(path)
+    if p.startswith("hf://"):
+        # hf://REPO_ID[@REV]/FILE: the header by HTTP range requests (loratool/hub.py); the Hub
+        # client is imported only for such paths.
+        from .hub import open_remote_header
+
+        return open_remote_header(p)
     try:
         header = read_header(p)
         return Opened(header.adapter, LORATOOL, p, header.file_bytes, header)

@@ -28,7 +28,14 @@ def command(path: str, as_json: bool) -> None:
     if report.error is not None and report.error.code in ("not-loratool", "not-a-file"):
         from ..convert.check import verify_source
 
-        report, fmt = verify_source(path)
+        other, fmt = verify_source(path)
+        # A file no other reader recognises keeps its spec verdict (rule 10, `not-loratool`).
+        if (
+            other.error is None
+            or other.error.code != "unknown-format"
+            or report.error.code != "not-loratool"
+        ):
+            report = other
     if as_json:
         doc = {
             "path": report.path,
