@@ -307,7 +307,9 @@ def test_metadata_matches_the_json_schema() -> None:
             check(meta)
 
 
-def test_a_header_length_that_looks_like_a_pickle_opcode_is_still_safetensors(tmp_path: Path) -> None:
+def test_a_header_length_that_looks_like_a_pickle_opcode_is_still_safetensors(
+    tmp_path: Path,
+) -> None:
     # N = 0x0380 starts the file with bytes 80 03: a pickle protocol-3 opcode by magic alone.
     adapter = generate.golden()
     for pad in range(0, 1000):
