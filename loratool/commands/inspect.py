@@ -20,7 +20,8 @@ from ..console import emit_json, human_bytes, stdout_console
     type=click.Path(dir_okay=False),
     help="Write singular-value spectra to a PNG (needs matplotlib).",
 )
-def command(path: str, as_json: bool, stats: bool, plot: str | None) -> None:
+@click.option("--force", is_flag=True, help="Replace the --plot file if it exists.")
+def command(path: str, as_json: bool, stats: bool, plot: str | None, force: bool) -> None:
     """Summarise the adapter at PATH (a loratool file or any format `convert` reads)."""
     from ..inspect import describe
 
@@ -28,7 +29,7 @@ def command(path: str, as_json: bool, stats: bool, plot: str | None) -> None:
     if plot:
         from ..plot import plot_spectra
 
-        plot_spectra(doc, plot)
+        plot_spectra(doc, plot, force=force)
     if as_json:
         emit_json(doc)
     else:

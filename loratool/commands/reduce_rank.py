@@ -1,0 +1,158 @@
+"""``loratool reduce-rank``: shrink every target to its best rank-k approximation, exactly.
+
+Also holds what the three low-rank commands share: the rank-rule options and the report table.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+from ..console import emit_json, human_bytes, warn
+
+if TYPE_CHECKING:
+    from ..lowrank import LowRankReport
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+RULES_HELP = (
+    "Rank rules (give exactly one): --rank K keeps K; --energy F keeps the smallest k with "
+    "Σσ²(≤k)/Σσ² ≥ F; --sv-fro P the smallest k with sqrt(Σσ²(≤k))/‖ΔW‖_F ≥ P; --sv-cumulative P "
+    "the smallest k with Σσ(≤k)/Σσ ≥ P; --sv-ratio P keeps σ ≥ σ_max/P. A threshold met within "
+    "1e-6 relative counts as met. --max-rank/--min-rank clamp the dynamic rules; no rank ever "
+    "exceeds min(in, out) or the input's rank. A zero target (ΔW = 0, e.g. B right after "
+    "initialisation) is kept with zero factors at rank K under --rank, else max(1, --min-rank)."
+)
+
+
+def rule_options(f: F) -> F:
+    """The rank-rule options shared by reduce-rank, combine and extract."""
+    options = [
+        click.option("--rank", "rank", type=int, metavar="K", help="Keep exactly K components."),
+        click.option(
+            "--energy", type=float, metavar="F", help="Keep the fraction F of Σσ² (0 < F ≤ 1)."
+        ),
+        click.option("--sv-ratio", type=float, metavar="P", help="Keep σ ≥ σ_max / P (P ≥ 1)."),
+        click.option("--sv-cumulative", type=float, metavar="P", help="Keep the fraction P of Σσ."),
+        click.option("--sv-fro", type=float, metavar="P", help="Keep the fraction P of ‖ΔW‖_F."),
+        click.option("--max-rank", type=int, metavar="K", help="Upper bound for a dynamic rule."),
+        click.option("--min-rank", type=int, metavar="K", help="Lower bound for a dynamic rule."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def output_options(f: F) -> F:
+    """-o OUT, --force, --json."""
+    f = click.option(
+        "--json", "as_json", is_flag=True, help="Print the report as one JSON document on stdout."
+    )(f)
+    f = click.option("--force", is_flag=True, help="Replace the output if it exists.")(f)
+    f = click.option(
+        "-o",
+        "--output",
+        "output",
+        required=True,
+        type=click.Path(dir_okay=False),
+        help="Where to write the adapter (.safetensors, loratool format).",
+    )(f)
+    return f
+
+
+def _sv(x: float | None) -> str:
+    return "?" if x is None else f"{x:.4g}"
+
+
+def render_report(report: LowRankReport, output: str) -> None:
+    """The per-target table and a one-line summary, on stderr (people's output)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    # Off a terminal rich would assume 80 columns and cut the module names.
+    console = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+    extract = report.operation == "extract"
+    table = Table(show_edge=False, pad_edge=False)
+    for col in ("target", "rank", "retained energy", "largest dropped σ", "σ_max"):
+        table.add_column(col, justify="left" if col == "target" else "right")
+    if extract:
+        table.add_column("svd", justify="left")
+    for t in report.targets:
+        rank = f"{t.old_rank} → {t.new_rank}"
+        cells = [
+            t.name,
+            rank,
+            "zero target" if t.zero else f"{t.retained_energy:.6f}",
+            _sv(t.largest_dropped_sv),
+            _sv(t.sv_max),
+        ]
+        if extract:
+            cells.append(t.method)
+        table.add_row(*cells)
+    console.print(table)
+    for s in report.skipped:
+        console.print(f"skipped {s['name']}: {s['reason']}", markup=False, highlight=False)
+    for w in report.warnings:
+        warn(w)
+    before, after = report.bytes_before, report.bytes_after
+    pct = 100.0 * (1.0 - after / before) if before else 0.0
+    console.print(
+        f"{len(report.targets)} targets, {report.params_before:,} → {report.params_after:,} "
+        f"parameters, {human_bytes(before)} → {human_bytes(after)} of tensors ({pct:.1f}% smaller), "
+        f"min retained energy {report.min_retained_energy:.6f}; wrote {output}",
+        markup=False,
+        highlight=False,
+    )
+
+
+def finish(report: LowRankReport, output: str, as_json: bool, extra: dict[str, Any]) -> None:
+    if as_json:
+        emit_json({"output": output, **extra, **report.to_json()})
+    else:
+        render_report(report, output)
+
+
+@click.command("reduce-rank", epilog=RULES_HELP)
+@click.argument("adapter")
+@output_options
+@rule_options
+def command(
+    adapter: str,
+    output: str,
+    force: bool,
+    as_json: bool,
+    rank: int | None,
+    energy: float | None,
+    sv_ratio: float | None,
+    sv_cumulative: float | None,
+    sv_fro: float | None,
+    max_rank: int | None,
+    min_rank: int | None,
+) -> None:
+    """Keep the top-k singular triplets of every target of ADAPTER (any format convert reads).
+
+    Exact: QR of both factors and an SVD of the r×r core, never the dense B·A. Each target keeps
+    its scale rule and effective scale (alpha is rescaled for the new rank) and its dtype.
+    """
+    from .._io import check_output
+    from ..lowrank import make_rule, reduce_rank
+    from ..sources import open_adapter
+
+    rules: dict[str, Any] = dict(
+        rank=rank,
+        energy=energy,
+        sv_ratio=sv_ratio,
+        sv_cumulative=sv_cumulative,
+        sv_fro=sv_fro,
+        max_rank=max_rank,
+        min_rank=min_rank,
+    )
+    make_rule(**rules)  # flag mistakes before reading anything
+    check_output(output, force=force)
+    opened = open_adapter(adapter)
+    result, report = reduce_rank(opened.adapter, **rules)
+    result.save(output, force=force)
+    finish(report, output, as_json, {"input": adapter, "input_format": opened.format})
