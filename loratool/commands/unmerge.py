@@ -1,0 +1,44 @@
+"""``loratool unmerge``: take the adapters of the last merge back out of a checkpoint."""
+
+from __future__ import annotations
+
+import click
+
+from ..console import emit_json
+from .merge import ShardProgress, as_json, render
+
+
+@click.command("unmerge")
+@click.argument("merged", type=click.Path())
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("-o", "--out", required=True, type=click.Path(), help="Output checkpoint (new path).")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where ΔW is computed; auto = cuda when available.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace OUT; subtract adapters that the merge record does not list (weight 1).",
+)
+@click.option("--json", "as_json_flag", is_flag=True, help="Print the report as one JSON document.")
+def command(
+    merged: str, adapters: tuple[str, ...], out: str, device: str, force: bool, as_json_flag: bool
+) -> None:
+    """Subtract ADAPTERS from the checkpoint MERGED (made by `loratool merge`) into OUT.
+
+    The merge record in MERGED's metadata must list exactly these adapters; their weights and
+    the original dtypes come from it. With the merge's reversible sidecar beside the weights the
+    base comes back bit for bit, checked against the SHA-256 the merge recorded.
+    """
+    from ..merging import unmerge
+
+    with ShardProgress("unmerge", quiet=as_json_flag) as bar:
+        report = unmerge(merged, list(adapters), out, device=device, force=force, progress=bar)
+    if as_json_flag:
+        emit_json(as_json(report))
+    else:
+        render(report)
