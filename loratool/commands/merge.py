@@ -129,7 +129,15 @@ def as_json(report: MergeReport) -> dict[str, Any]:
 @click.command("merge")
 @click.argument("base", type=click.Path())
 @click.argument("adapters", nargs=-1, required=True)
-@click.option("-o", "--out", required=True, type=click.Path(), help="Output checkpoint (new path).")
+@click.option(
+    "-o",
+    "--output",
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(),
+    help="Output checkpoint (new path).",
+)
 @click.option(
     "--weight",
     "weights",

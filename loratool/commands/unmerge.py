@@ -11,7 +11,15 @@ from .merge import ShardProgress, as_json, render
 @click.command("unmerge")
 @click.argument("merged", type=click.Path())
 @click.argument("adapters", nargs=-1, required=True)
-@click.option("-o", "--out", required=True, type=click.Path(), help="Output checkpoint (new path).")
+@click.option(
+    "-o",
+    "--output",
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(),
+    help="Output checkpoint (new path).",
+)
 @click.option(
     "--device",
     type=click.Choice(["auto", "cpu", "cuda"]),
