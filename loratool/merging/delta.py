@@ -1,0 +1,264 @@
+"""ΔW arithmetic for every device: the factors, the once-rounded add, fidelity, round-trip misses.
+
+Numerics (``apply_delta``, one function for the CPU and CUDA):
+  * ΔW = Σ wᵢ·scaleᵢ·Bᵢ·Aᵢ is one matrix product of the stacked factors (an exact sum of the
+    adapters), in fp32 — or in fp64 rounded once to fp32, which gives the correctly rounded ΔW
+    whatever the BLAS, device or thread count: used on CUDA (no TF32 either) and for reversible
+    merges, whose sidecar must match what a later unmerge on any device computes;
+  * ΔW is added in fp32 to the exact fp32 upcast of W and the sum is rounded once to the output
+    dtype (fp64 throughout when the weight or the output is fp64), as PEFT does;
+  * ``kind`` linear adds ΔW; conv1d (GPT-2 ``Conv1D``, stored [in, out]) and embedding add ΔWᵀ.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .. import constants as C
+from ..errors import CompatibilityError, FormatError
+from .plan import _Job
+from .report import TargetReport
+
+if TYPE_CHECKING:
+    import torch
+
+
+_BLOCK = 1 << 17  # elements per block of rows on the CPU: the fp32 temporaries stay in L2
+
+
+def _int_view(dtype: torch.dtype) -> torch.dtype:
+    import torch
+
+    return {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+
+
+def _ordered(bits: torch.Tensor) -> torch.Tensor:
+    """Sign-magnitude float bits → integers in the floats' order (±0 → 0): ULPs are differences."""
+    import torch
+
+    x = bits.to(torch.int64)
+    mag = x & ((1 << (bits.element_size() * 8 - 1)) - 1)
+    return torch.where(x < 0, -mag, mag)
+
+
+def _factors(job: _Job, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """L ``[rows, Σr]`` and R ``[Σr, cols]`` with ``L @ R`` the update of the stored weight.
+
+    Linear: rows = out, so L = w·s·B, R = A. Conv1D and embedding store ``[in, out]``: L = w·s·Aᵀ,
+    R = Bᵀ. Stacking the adapters' factors makes one product the exact sum of their deltas. The
+    factors are upcast exactly and scaled in fp64, then given in ``dtype`` (fp64 or fp32).
+    """
+    import torch
+
+    left, right = [], []
+    for t, weight in job.terms:
+        fresh = t.replace()  # loads this target's factors only; they are dropped after the job
+        a = fresh.lora_A.detach().to(device=device, dtype=torch.float64)
+        b = fresh.lora_B.detach().to(device=device, dtype=torch.float64)
+        coef = weight * t.scale
+        if t.kind == C.KIND_LINEAR:
+            left.append(b * coef)
+            right.append(a)
+        else:
+            left.append(a.t() * coef)
+            right.append(b.t())
+    return (
+        torch.cat(left, 1).to(dtype).contiguous(),
+        torch.cat(right, 0).to(dtype).contiguous(),
+    )
+
+
+@dataclass
+class _Result:
+    sums: list[float]  # ‖ΔW‖² (exact, from the factors), ‖W'−W‖², ‖W'−W−ΔW‖²
+    off: int = 0
+    max_ulp: int = 0
+    index: torch.Tensor | None = None  # flat indices where the round trip misses (CPU)
+    value: torch.Tensor | None = None  # the original values there (CPU, base dtype)
+
+
+def apply_delta(
+    W: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    roundtrip: bool = False,
+    collect: bool = False,
+) -> _Result:
+    """``out ← round(W + left @ right)`` on W's device, with the fidelity sums.
+
+    ``left @ right`` is formed in the factors' dtype (fp64 products are rounded once to fp32),
+    added in fp32 (fp64 when W or out is fp64) to the exactly upcast W, and the sum is rounded
+    once into ``out``'s dtype. On the CPU this runs over blocks of rows small enough for the
+    temporaries to stay in cache; on a GPU in one block. With ``roundtrip`` it also computes
+    ``round_W(out − left @ right)`` — the very operations unmerge performs — and counts
+    (``collect``: gathers) the elements where that differs from W's bits.
+    """
+    import torch
+
+    rows, cols = W.shape
+    dev = W.device
+    cdt = torch.float64 if torch.float64 in (W.dtype, out.dtype) else torch.float32
+    step = rows if dev.type != "cpu" else max(1, _BLOCK // max(cols, 1))
+    step = max(1, min(step, rows))
+
+    scratch = _scratch(dev) if dev.type == "cpu" else None
+
+    def buf(slot: str, dtype: torch.dtype) -> torch.Tensor:
+        n = step * cols * dtype.itemsize
+        if scratch is None:
+            return torch.empty(step, cols, dtype=dtype, device=dev)
+        if slot not in scratch or scratch[slot].numel() < n:
+            scratch[slot] = torch.empty(max(n, _BLOCK * 8), dtype=torch.uint8)
+        return scratch[slot][:n].view(dtype).view(step, cols)
+
+    prod = buf("prod", left.dtype)
+    d = prod if left.dtype == cdt else buf("d", cdt)
+    w, r = buf("w", cdt), buf("r", cdt)
+    r2 = buf("r2", cdt) if roundtrip else None
+    back = buf("back", W.dtype) if roundtrip else None
+    sums: list[list[torch.Tensor]] = [[], []]  # fp32 block dots, summed in fp64 at the end
+    res = _Result([0.0, 0.0, 0.0])
+    idx_parts: list[torch.Tensor] = []
+    val_parts: list[torch.Tensor] = []
+    for i in range(0, rows, step):
+        k = min(step, rows - i)
+        wb, ob, dd, ww, rr = W[i : i + k], out[i : i + k], d[:k], w[:k], r[:k]
+        torch.mm(left[i : i + k], right, out=prod[:k])
+        if dd.data_ptr() != prod.data_ptr():
+            dd.copy_(prod[:k])  # the one rounding of the product, fp64 → fp32
+        rv = rr.view(-1)
+        ww.copy_(wb)  # exact upcast (mixed-dtype arithmetic is slow on the CPU)
+        torch.add(ww, dd, out=rr)  # one fp32 add
+        ob.copy_(rr)  # the one rounding to the output dtype
+        rr.copy_(ob)
+        if r2 is not None and back is not None:
+            bb = back[:k]
+            torch.sub(rr, dd, out=r2[:k])  # what unmerge computes, then its rounding
+            bb.copy_(r2[:k])
+            _misses(bb, wb, i * cols, res, idx_parts if collect else None, val_parts)
+        rr.sub_(ww)  # W' − W, exact in the common case (Sterbenz)
+        sums[0].append(torch.dot(rv, rv))
+        rr.sub_(dd)
+        sums[1].append(torch.dot(rv, rv))
+    # ‖L·R‖² = Σ (LᵀL) ∘ (RRᵀ): exact in fp64 from the r×r Gram matrices, no dense pass
+    l64, r64 = left.double(), right.double()
+    norms = [((l64.t() @ l64) * (r64 @ r64.t())).sum()]
+    if rows:
+        norms += [torch.stack(x).double().sum() for x in sums]
+    else:
+        norms += [torch.zeros((), dtype=torch.float64, device=dev)] * 2
+    res.sums = torch.stack(norms).tolist()
+    if idx_parts:
+        res.index = torch.cat(idx_parts)
+        res.value = torch.cat(val_parts)
+    return res
+
+
+_local = threading.local()  # per thread: its CPU scratch buffers (_scratch)
+
+
+def _scratch(device: torch.device) -> dict[str, torch.Tensor]:
+    """This thread's reusable block buffers: no allocation (page faults) per tensor on the CPU."""
+    cache: dict[str, torch.Tensor] | None = getattr(_local, "scratch", None)
+    if cache is None:
+        cache = _local.scratch = {}
+    return cache
+
+
+def _misses(
+    got: torch.Tensor,
+    want: torch.Tensor,
+    start: int,
+    res: _Result,
+    idx_parts: list[torch.Tensor] | None,
+    val_parts: list[torch.Tensor],
+) -> None:
+    """Count the elements whose bits differ (and their max ULP distance); gather them if asked.
+
+    On the CPU in numpy (few calls per block: per-call overhead dominates torch here), on a GPU
+    in torch; the ULP distance is the difference of the bits read as sign-magnitude integers.
+    """
+    import torch
+
+    ints = _int_view(want.dtype)
+    g, w = got.view(ints).reshape(-1), want.view(ints).reshape(-1)
+    if g.device.type == "cpu":
+        import numpy as np
+
+        gn, wn = g.numpy(), w.numpy()
+        # Same-sign pairs: the ULP distance is the difference of the bit patterns, which fits
+        # their own width; opposite signs (rare: the value crossed zero) wrap, and are redone.
+        diff = np.subtract(gn, wn)
+        count = int(np.count_nonzero(diff))
+        if not count:
+            return
+        res.off += count
+        if int(np.bitwise_xor(gn, wn).min()) < 0:
+            at = np.flatnonzero(np.bitwise_xor(gn, wn) < 0)
+            mask = (1 << (8 * wn.itemsize - 1)) - 1
+            span = (gn[at].astype(np.int64) & mask) + (wn[at].astype(np.int64) & mask)
+            res.max_ulp = max(res.max_ulp, int(span.max()))
+            diff[at] = 0
+        res.max_ulp = max(res.max_ulp, int(diff.max()), -int(diff.min()))
+        if idx_parts is not None:
+            flat = np.flatnonzero(gn != wn)
+            idx_parts.append(torch.from_numpy(flat + start))
+            val_parts.append(torch.from_numpy(wn[flat]).view(want.dtype))
+        return
+    flat_t = (g != w).nonzero().squeeze(1)
+    if not flat_t.numel():
+        return
+    gt, wt = g[flat_t], w[flat_t]
+    res.off += int(flat_t.numel())
+    res.max_ulp = max(res.max_ulp, int((_ordered(gt) - _ordered(wt)).abs().max()))
+    if idx_parts is not None:
+        idx_parts.append((flat_t + start).cpu())
+        val_parts.append(wt.view(want.dtype).cpu())
+
+
+def _check_finite(job: _Job, W: torch.Tensor, out: torch.Tensor, res: _Result, where: str) -> None:
+    """Non-finite sums mean a NaN/Inf somewhere: find where and refuse (the temp output goes)."""
+    import torch
+
+    if all(math.isfinite(x) for x in res.sums):
+        return
+    if not bool(torch.isfinite(W).all()):
+        raise FormatError(
+            f"base weight '{job.key}' contains NaN or Inf",
+            code="non-finite",
+            where=where,
+            hint="the base checkpoint is broken; nothing was written",
+        )
+    if not bool(torch.isfinite(out).all()):
+        raise CompatibilityError(
+            f"'{job.key}' overflows {job.out_dtype} after adding ΔW",
+            code="non-finite-result",
+            where=where,
+            hint="merge into a wider dtype (--dtype f32 or bf16)",
+        )
+    res.sums = [x if math.isfinite(x) else math.inf for x in res.sums]  # huge but finite values
+
+
+def _target_report(job: _Job, res: _Result, names: dict[str, list[str]]) -> TargetReport:
+    kinds = sorted({t.kind for t, _ in job.terms})
+    return TargetReport(
+        key=job.key,
+        modules=names.get(job.key, []),
+        kind=kinds[0] if len(kinds) == 1 else "+".join(kinds),
+        shape=job.shape,
+        dtype=job.out_dtype,
+        delta_norm=math.sqrt(res.sums[0]),
+        applied_norm=math.sqrt(res.sums[1]),
+        error_norm=math.sqrt(res.sums[2]),
+        roundtrip_off=res.off,
+        roundtrip_max_ulp=res.max_ulp,
+    )
+
+
+def _as2d(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(1, -1)

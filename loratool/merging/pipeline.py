@@ -1,0 +1,265 @@
+"""The streaming pipeline: a reader thread, worker threads and bounded buffer pools over the shards.
+
+Streaming: a reader thread ``pread``s the next targeted weights into reusable buffers (pinned on
+CUDA, where it also uploads them on its own stream); worker threads, each running single-threaded
+torch ops on its own tensor (on the CPU in cache-sized blocks of rows), compute and ``pwrite`` the
+result at its planned offset, or ``copy_file_range`` untouched tensors file to file. Memory is
+the runtime plus a few copies of the largest *targeted* weight (2 × workers + 1), whatever the
+size of the model or of its shards; nothing is memory-mapped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..checkpoint import ALL_DTYPES, Checkpoint
+from ..stream import SafetensorsWriter, TensorSpec, aligned_order, byte_view
+from .compute import _compute, _Context, _Outcome, _sha256
+from .plan import _Job, _nbytes
+from .report import ProgressEvent
+
+if TYPE_CHECKING:
+    import torch
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread for our CPU work: the reader and writer threads use the other cores,
+    and OpenMP regions over small blocks collapse when a shared machine is oversubscribed
+    (measured here: 10× slower with 2 threads at load 8 on 2 cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Pool:
+    """A fixed set of byte buffers (pinned for CUDA); ``get`` blocks, which bounds memory.
+
+    ``close`` wakes every waiter with an error, so a failure anywhere cannot leave a thread
+    waiting for a buffer that will never come back.
+    """
+
+    def __init__(self, n: int, nbytes: int, *, pin: bool) -> None:
+        import torch
+
+        self._free: queue.Queue[torch.Tensor] = queue.Queue()
+        self._closed = threading.Event()
+        for _ in range(n):
+            self._free.put(torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin))
+
+    def get(self) -> torch.Tensor:
+        while True:
+            try:
+                return self._free.get(timeout=0.1)
+            except queue.Empty:
+                if self._closed.is_set():
+                    raise RuntimeError("buffer pool closed") from None
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def put(self, buf: torch.Tensor) -> None:
+        self._free.put(buf)
+
+
+def _view(buf: torch.Tensor, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    from ..checkpoint import torch_dtype_of
+
+    n = math.prod(shape) * ALL_DTYPES[dtype]
+    return buf[:n].view(torch_dtype_of(dtype)).view(shape)
+
+
+def _stream_files(
+    base: Checkpoint,
+    jobs: dict[str, _Job],
+    tmp: Path,
+    ctx: _Context,
+    outcome: _Outcome,
+    metadata_for: Callable[[Path], dict[str, str]],
+    out_name: Callable[[Path], str],
+    *,
+    reserve: int = 0,
+) -> dict[str, int]:
+    """Write every shard of ``base`` into ``tmp`` with ``jobs`` applied; returns bytes per shard.
+
+    A reader thread ``pread``s targeted weights ahead (on CUDA it also uploads them, on its own
+    stream, so uploads overlap compute); worker threads apply the delta and ``pwrite`` the result
+    at its planned offset, or copy untouched tensors file to file. Each worker runs single-threaded
+    torch ops on its own tensor: parallel without fine-grained OpenMP synchronisation. Buffers
+    come from fixed pools, which bounds memory at a few copies of the largest targeted weight.
+    """
+    import torch
+
+    cuda = ctx.device == "cuda"
+    workers = _workers()
+    order = [name for shard in base.shards for name in base.shard_tensors[shard]]
+    targeted = [name for name in order if jobs[name].targeted]
+    biggest_in = max((_nbytes(jobs[n], jobs[n].in_dtype) for n in targeted), default=1)
+    biggest_out = max((_nbytes(jobs[n], jobs[n].out_dtype) for n in targeted), default=1)
+    in_pool = _Pool(workers + 1, biggest_in, pin=cuda)
+    out_pool = _Pool(workers, biggest_out, pin=cuda)
+    upload = torch.cuda.Stream() if cuda else None
+
+    def read(name: str) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
+        buf = in_pool.get()
+        size = _nbytes(jobs[name], jobs[name].in_dtype)
+        base.read_into(name, byte_view(buf[:size]))
+        digest = hashlib.sha256(byte_view(buf[:size])).hexdigest() if ctx.hash_in else None
+        W = _view(buf, jobs[name].in_dtype, jobs[name].shape)
+        if upload is None:
+            return W, buf, digest
+        with torch.cuda.stream(upload):
+            Wd = W.to(ctx.device, non_blocking=True)
+        upload.synchronize()  # only this thread waits; the pinned buffer is free again
+        in_pool.put(buf)
+        return Wd, None, digest
+
+    def process(
+        w: SafetensorsWriter,
+        job: _Job,
+        W: torch.Tensor,
+        buf: torch.Tensor | None,
+        obuf: torch.Tensor,
+    ) -> None:
+        try:
+            out = _view(obuf, job.out_dtype, job.shape)
+            if cuda:
+                stream = _thread_stream()
+                with torch.cuda.stream(stream):
+                    od = torch.empty(job.shape, dtype=out.dtype, device=ctx.device)
+                    _compute(job, W, od, ctx, outcome)
+                    out.copy_(od, non_blocking=True)
+                stream.synchronize()  # this worker waits for its download; the other computes
+            else:
+                _compute(job, W, out, ctx, outcome)
+            if buf is not None:
+                in_pool.put(buf)
+                buf = None
+            w.write(job.key, out)
+            if ctx.hash_out:
+                outcome.hashes[job.key] = _sha256(out)
+        finally:
+            if buf is not None:
+                in_pool.put(buf)
+            out_pool.put(obuf)
+
+    reader = ThreadPoolExecutor(1, thread_name_prefix="loratool-read")
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="loratool-merge")
+    fds = {shard: os.open(shard, os.O_RDONLY) for shard in base.shards}
+    reads: deque[Future[tuple[torch.Tensor, torch.Tensor | None, str | None]]] = deque()
+    upcoming = iter(targeted)
+
+    def read_ahead() -> None:
+        while len(reads) < 2:
+            name = next(upcoming, None)
+            if name is None:
+                return
+            reads.append(reader.submit(read, name))
+
+    sizes: dict[str, int] = {}
+    open_shards: deque[tuple[SafetensorsWriter, list[Future[None]]]] = deque()
+    try:
+        read_ahead()
+        for si, shard in enumerate(base.shards):
+            names = base.shard_tensors[shard]
+            specs = aligned_order([TensorSpec(n, jobs[n].out_dtype, jobs[n].shape) for n in names])
+            fname = out_name(shard)
+            w = SafetensorsWriter(tmp / fname, specs, metadata_for(shard), reserve=reserve)
+            total, done = w.size - len(w.head), 0
+            tasks: list[Future[None]] = []
+            open_shards.append((w, tasks))
+            for name in names:
+                job = jobs[name]
+                if job.targeted:
+                    W, buf, digest = reads.popleft().result()
+                    read_ahead()
+                    if digest is not None:
+                        outcome.hashes[name] = digest
+                    obuf = out_pool.get()  # blocks while every worker is busy: bounded memory
+                    tasks.append(pool.submit(process, w, job, W, buf, obuf))
+                    del W, buf
+                elif job.out_dtype == job.in_dtype:
+                    e = base.entries[name]
+                    tasks.append(
+                        pool.submit(w.copy_from, name, fds[shard], e.data_start + e.info.begin)
+                    )
+                else:
+                    tasks.append(pool.submit(_cast, w, base, name, job))
+                done += _nbytes(job, job.out_dtype)
+                if ctx.progress is not None:
+                    ctx.progress(ProgressEvent(fname, si, len(base.shards), done, total, name))
+                while len(open_shards) > 1 and all(t.done() for t in open_shards[0][1]):
+                    _finish(*open_shards.popleft())  # an earlier shard, fully submitted
+            sizes[fname] = w.size
+        while open_shards:
+            _finish(*open_shards.popleft())
+    finally:
+        in_pool.close()
+        out_pool.close()
+        pool.shutdown(wait=True, cancel_futures=True)
+        reader.shutdown(wait=True, cancel_futures=True)
+        for fd in fds.values():
+            os.close(fd)
+    return sizes
+
+
+def _finish(w: SafetensorsWriter, tasks: list[Future[None]]) -> None:
+    for t in tasks:
+        t.result()  # re-raises a worker's error
+    w.close()
+
+
+def _workers() -> int:
+    """Compute threads: one per usable core, at least 2 (so I/O overlaps) and at most 4 (each
+    holds two weight-sized buffers; memory-bound work gains little from more)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 2
+    return max(2, min(cores, 4))
+
+
+_local = threading.local()  # per worker thread: its CUDA stream (_thread_stream)
+
+
+def _thread_stream() -> Any:
+    """This worker thread's own CUDA stream (created once)."""
+    import torch
+
+    stream = getattr(_local, "stream", None)
+    if stream is None:
+        stream = _local.stream = torch.cuda.Stream()
+    return stream
+
+
+def _cast(w: SafetensorsWriter, base: Checkpoint, name: str, job: _Job) -> None:
+    """Copy an untouched tensor into another float dtype, a few MB at a time."""
+    import torch
+
+    from ..checkpoint import torch_dtype_of
+
+    size_in, size_out = ALL_DTYPES[job.in_dtype], ALL_DTYPES[job.out_dtype]
+    n = math.prod(job.shape)
+    chunk = max(1, (8 << 20) // size_in)
+    buf = bytearray(min(n, chunk) * size_in)
+    for start in range(0, n, chunk):
+        k = min(chunk, n - start)
+        view = memoryview(buf)[: k * size_in]
+        base.read_into(name, view, offset=start * size_in)
+        x = torch.frombuffer(view, dtype=torch_dtype_of(job.in_dtype))
+        w.write_part(name, start * size_out, x.to(torch_dtype_of(job.out_dtype)))
