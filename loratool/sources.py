@@ -38,7 +38,7 @@ def open_adapter(path: str | os.PathLike[str]) -> Opened:
 
     p = os.fspath(path)
     if p.startswith("hf://"):
-        # hf://REPO_ID[@REV]/FILE: the header by HTTP range requests (loratool/hub.py); the Hub
+        # hf://REPO_ID[@REV]/FILE: the header by HTTP range requests (loratool/hub/remote.py); the Hub
         # client is imported only for such paths.
         from .hub import open_remote_header
 
