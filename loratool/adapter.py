@@ -141,7 +141,7 @@ class Target:
     def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense ``scale · B @ A`` in ``[out, in]``, computed in fp32 (or ``dtype``).
 
-        Only for merging and tests: algebra on the adapter works on the factors (lowrank.py).
+        Only for merging and tests: algebra on the adapter works on the factors (loratool/lowrank/).
         """
         import torch
 

@@ -1,0 +1,93 @@
+"""reduce_rank: the best rank-k approximation of every target of one adapter."""
+
+from __future__ import annotations
+
+from .. import constants as C
+from ..adapter import Adapter, Target, alpha_for
+from .core import _factors32, _Job, _solve
+from .report import LowRankReport, _operations, _report_row, _source
+from .rules import make_rule
+
+
+def reduce_rank(
+    adapter: Adapter,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    sv_ratio: float | None = None,
+    sv_cumulative: float | None = None,
+    sv_fro: float | None = None,
+    max_rank: int | None = None,
+    min_rank: int | None = None,
+    device: str = "cpu",
+) -> tuple[Adapter, LowRankReport]:
+    """The best rank-k approximation of every target, k chosen by exactly one rule.
+
+    Each target keeps its kind, scale rule, effective scale and dtype; alpha becomes
+    ``alpha_for(scale, k, rule)``. The base binding, provenance (plus an ``operations`` entry)
+    and unknown metadata are kept.
+    """
+    rule = make_rule(
+        rank=rank,
+        energy=energy,
+        sv_ratio=sv_ratio,
+        sv_cumulative=sv_cumulative,
+        sv_fro=sv_fro,
+        max_rank=max_rank,
+        min_rank=min_rank,
+    )
+    assert rule is not None
+    from ..format import iter_targets, torch_dtype
+
+    targets = list(iter_targets(adapter))
+    jobs = []
+    for t in targets:
+        a, b = _factors32(t, adapter.path)
+        s = t.scale
+        jobs.append(_Job(t.name, b, a, s, s, abs(s) * float(b.norm()) * float(a.norm())))
+    solved = _solve(jobs, rule, device=device)
+
+    report = LowRankReport("reduce-rank", rule)
+    new: dict[str, Target] = {}
+    for t in targets:
+        r = solved[t.name]
+        dt = torch_dtype(t.dtype)
+        new[t.name] = Target.from_factors(
+            t.name,
+            r.A.to(dt),
+            r.B.to(dt),
+            alpha=alpha_for(t.scale, r.k, t.scale_rule),
+            scale_rule=t.scale_rule,
+            kind=t.kind,
+        )
+        size = C.DTYPE_SIZES[t.dtype]
+        report.targets.append(
+            _report_row(
+                t.name,
+                r.sv,
+                r.k,
+                old_rank=t.rank,
+                m=t.out_features,
+                n=t.in_features,
+                bytes_in=t.num_params * size,
+                bytes_out=size,
+                params_before=t.num_params,
+                zero=r.zero,
+                method="qr-core",
+            )
+        )
+        if r.zero:
+            report.warnings.append(
+                f"target '{t.name}' is zero (ΔW = 0): kept at rank {r.k} with zero factors"
+            )
+    provenance = _operations(
+        adapter.provenance,
+        {"operation": "reduce-rank", "rule": rule.to_json(), "input": _source(adapter)},
+    )
+    out = Adapter(
+        targets=new,
+        base=adapter.binding(),
+        provenance=provenance,
+        metadata=dict(adapter.metadata),
+    )
+    return out, report
