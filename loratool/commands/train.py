@@ -37,6 +37,19 @@ def _warmup(value: str) -> float:
     type=click.Path(dir_okay=False),
     help="YAML or TOML file whose keys are these flags' names; flags override it.",
 )
+@click.option(
+    "--task",
+    type=click.Choice(["causal-lm", "embedding"]),
+    default="causal-lm",
+    show_default=True,
+    help="causal-lm: next-token loss on {text}, {prompt, completion} or {messages}; embedding: "
+    "contrastive loss for a sentence encoder on {query, positive[, negative]} pairs.",
+)
+@click.option(
+    "--temperature",
+    type=float,
+    help="--task embedding: InfoNCE temperature [0.05, sentence-transformers' scale 20].",
+)
 @click.option("--revision", help="Hub revision of --model (branch, tag or commit).")
 @click.option(
     "--targets", help="Modules to adapt: comma-separated name suffixes, or all-linear [all-linear]."
@@ -97,8 +110,15 @@ def _warmup(value: str) -> float:
 @click.option("--force", is_flag=True, default=None, help="Replace existing outputs.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress, only errors.")
 @click.pass_context
-def command(ctx: click.Context, config_file: str | None, quiet: bool, **flags: Any) -> None:
-    """Train a LoRA adapter for a causal LM on jsonl data and write it in the loratool format.
+def command(
+    ctx: click.Context,
+    config_file: str | None,
+    quiet: bool,
+    task: str,
+    temperature: float | None,
+    **flags: Any,
+) -> None:
+    """Train a LoRA adapter (causal LM, or sentence encoder with --task embedding) in loratool format.
 
     \b
     loratool train --model HuggingFaceTB/SmolLM2-135M-Instruct --data facts.jsonl -o facts.safetensors
@@ -117,7 +137,12 @@ def command(ctx: click.Context, config_file: str | None, quiet: bool, **flags: A
     if "warmup" in given:
         given["warmup"] = _warmup(given["warmup"])
     file_values = read_config_file(config_file) if config_file else {}
-    config = build_config(file_values, given)
+    if temperature is not None and task != "embedding":
+        raise click.UsageError("--temperature goes with --task embedding")
+    from ..training.embedding import EMBEDDING_DEFAULTS, train_embedding
+
+    defaults = EMBEDDING_DEFAULTS if task == "embedding" else {}
+    config = build_config({**defaults, **file_values}, given)
 
     import os
 
@@ -125,7 +150,12 @@ def command(ctx: click.Context, config_file: str | None, quiet: bool, **flags: A
     reporter = _Reporter(quiet=quiet or not main)
     try:
         with _stop_on_signals() as should_stop, reporter:
-            result = train(config, on_event=reporter, should_stop=should_stop)
+            if task == "embedding":
+                result = train_embedding(
+                    config, temperature=temperature, on_event=reporter, should_stop=should_stop
+                )
+            else:
+                result = train(config, on_event=reporter, should_stop=should_stop)
     except LoratoolError as e:
         if not main:  # rank 0 says it; the others only exit with the code
             ctx.exit(e.exit_code)
