@@ -639,7 +639,11 @@ def test_hub_id_loads_through_the_cache_and_binds_the_commit(
     assert (adapter.base.hub_id, adapter.base.revision) == ("org/tiny-llama", commit)
     assert adapter.provenance["training"]["base_model"] == "org/tiny-llama"
     missing = subprocess.run(
-        [*cmd[:5], "org/absent", *cmd[6:], "--force"], env=env, capture_output=True, text=True, timeout=300
+        [*cmd[:5], "org/absent", *cmd[6:], "--force"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert (
         missing.returncode == 2
