@@ -27,13 +27,7 @@ def command(
     force: bool,
     as_json: bool,
     weights: tuple[float, ...],
-    rank: int | None,
-    energy: float | None,
-    sv_ratio: float | None,
-    sv_cumulative: float | None,
-    sv_fro: float | None,
-    max_rank: int | None,
-    min_rank: int | None,
+    rules: dict[str, Any],
 ) -> None:
     """Write Σ w_i·ΔW_i of ADAPTERS (any format convert reads) as one adapter.
 
@@ -47,15 +41,6 @@ def command(
     from ..lowrank import combine, make_rule
     from ..sources import open_adapter
 
-    rules: dict[str, Any] = dict(
-        rank=rank,
-        energy=energy,
-        sv_ratio=sv_ratio,
-        sv_cumulative=sv_cumulative,
-        sv_fro=sv_fro,
-        max_rank=max_rank,
-        min_rank=min_rank,
-    )
     make_rule(**rules, required=False)
     if weights and len(weights) != len(adapters):
         raise UsageError(

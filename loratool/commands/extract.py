@@ -71,13 +71,7 @@ def command(
     output: str,
     force: bool,
     as_json: bool,
-    rank: int | None,
-    energy: float | None,
-    sv_ratio: float | None,
-    sv_cumulative: float | None,
-    sv_fro: float | None,
-    max_rank: int | None,
-    min_rank: int | None,
+    rules: dict[str, Any],
     targets: str,
     device: str,
     dtype: str,
@@ -92,15 +86,6 @@ def command(
     from .._io import check_output
     from ..lowrank import extract, make_rule, resolve_device
 
-    rules: dict[str, Any] = dict(
-        rank=rank,
-        energy=energy,
-        sv_ratio=sv_ratio,
-        sv_cumulative=sv_cumulative,
-        sv_fro=sv_fro,
-        max_rank=max_rank,
-        min_rank=min_rank,
-    )
     make_rule(**rules)
     resolve_device(device)
     check_output(output, force=force)

@@ -5,9 +5,10 @@ Also holds what the three low-rank commands share: the rank-rule options and the
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
@@ -28,8 +29,21 @@ RULES_HELP = (
 )
 
 
+RULE_KEYS = ("rank", "energy", "sv_ratio", "sv_cumulative", "sv_fro", "max_rank", "min_rank")
+
+
 def rule_options(f: F) -> F:
-    """The rank-rule options shared by reduce-rank, combine and extract."""
+    """The rank-rule options shared by reduce-rank, combine and extract, passed as ``rules``.
+
+    The command receives one ``rules`` dict (keyword arguments of ``make_rule`` and of the
+    operations) instead of seven parameters.
+    """
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        rules = {key: kwargs.pop(key) for key in RULE_KEYS}
+        return f(*args, rules=rules, **kwargs)
+
     options = [
         click.option("--rank", "rank", type=int, metavar="K", help="Keep exactly K components."),
         click.option(
@@ -41,9 +55,10 @@ def rule_options(f: F) -> F:
         click.option("--max-rank", type=int, metavar="K", help="Upper bound for a dynamic rule."),
         click.option("--min-rank", type=int, metavar="K", help="Lower bound for a dynamic rule."),
     ]
+    decorated: Any = wrapper
     for option in reversed(options):
-        f = option(f)
-    return f
+        decorated = option(decorated)
+    return cast(F, decorated)
 
 
 def output_options(f: F) -> F:
@@ -124,13 +139,7 @@ def command(
     output: str,
     force: bool,
     as_json: bool,
-    rank: int | None,
-    energy: float | None,
-    sv_ratio: float | None,
-    sv_cumulative: float | None,
-    sv_fro: float | None,
-    max_rank: int | None,
-    min_rank: int | None,
+    rules: dict[str, Any],
 ) -> None:
     """Keep the top-k singular triplets of every target of ADAPTER (any format convert reads).
 
@@ -141,15 +150,6 @@ def command(
     from ..lowrank import make_rule, reduce_rank
     from ..sources import open_adapter
 
-    rules: dict[str, Any] = dict(
-        rank=rank,
-        energy=energy,
-        sv_ratio=sv_ratio,
-        sv_cumulative=sv_cumulative,
-        sv_fro=sv_fro,
-        max_rank=max_rank,
-        min_rank=min_rank,
-    )
     make_rule(**rules)  # flag mistakes before reading anything
     check_output(output, force=force)
     opened = open_adapter(adapter)
