@@ -94,7 +94,7 @@ def read_pairs(path: str | os.PathLike[str]) -> list[Pair]:
     every other bad line (not JSON, not an object, a missing or empty field) is reported with its
     line number in one ``BadDataError`` and nothing is returned: no row is skipped silently.
     """
-    from .training.data import BadDataError
+    from .training.data import BadDataError, jsonl_rows
 
     p = Path(path)
     if not p.is_file():
@@ -102,19 +102,7 @@ def read_pairs(path: str | os.PathLike[str]) -> list[Pair]:
     pairs: list[Pair] = []
     problems: list[tuple[int, str]] = []
     with p.open("rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                problems.append((number, f"not UTF-8 (byte {e.start})"))
-                continue
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                problems.append((number, f"not JSON ({getattr(e, 'msg', e)})"))
-                continue
+        for number, row in jsonl_rows(f, problems):
             problem = _row_problem(row)
             if problem:
                 problems.append((number, problem))

@@ -26,7 +26,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -164,6 +164,28 @@ def parse_record(obj: Any, line: int) -> Record:
     return Record(line, "prompt_completion", prompt=prompt, completion=completion)
 
 
+def jsonl_rows(
+    lines: Iterable[bytes], problems: list[tuple[int, str]]
+) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) for each non-blank line; undecodable lines go to ``problems``.
+
+    Shared by every jsonl reader (causal-LM records, retrieval pairs), so a bad line is reported
+    the same way everywhere and none is skipped silently.
+    """
+    for n, raw in enumerate(lines, 1):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problems.append((n, f"not UTF-8 (byte {e.start})"))
+            continue
+        if not text.strip():
+            continue
+        try:
+            yield n, json.loads(text)
+        except ValueError as e:
+            problems.append((n, f"not valid JSON ({getattr(e, 'msg', e)})"))
+
+
 def read_jsonl(path: str | os.PathLike[str]) -> list[Record]:
     """Every record of a jsonl file, or a BadDataError naming every bad line."""
     records: list[Record] = []
@@ -175,19 +197,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[Record]:
             f"cannot read data file: {e.strerror}", code="no-data", where=str(path)
         ) from None
     with f:
-        for n, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                problems.append((n, f"not UTF-8 (byte {e.start})"))
-                continue
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except ValueError as e:
-                problems.append((n, f"not valid JSON ({getattr(e, 'msg', e)})"))
-                continue
+        for n, obj in jsonl_rows(f, problems):
             try:
                 records.append(parse_record(obj, n))
             except ValueError as e:
