@@ -126,10 +126,8 @@ def as_json(report: MergeReport) -> dict[str, Any]:
     return report.to_json()
 
 
-@click.command("merge")
-@click.argument("base", type=click.Path())
-@click.argument("adapters", nargs=-1, required=True)
-@click.option(
+# Shared with unmerge.
+output_option = click.option(
     "-o",
     "--output",
     "--out",
@@ -138,6 +136,19 @@ def as_json(report: MergeReport) -> dict[str, Any]:
     type=click.Path(),
     help="Output checkpoint (new path).",
 )
+device_option = click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where ΔW is computed; auto = cuda when available.",
+)
+
+
+@click.command("merge")
+@click.argument("base", type=click.Path())
+@click.argument("adapters", nargs=-1, required=True)
+@output_option
 @click.option(
     "--weight",
     "weights",
@@ -152,13 +163,7 @@ def as_json(report: MergeReport) -> dict[str, Any]:
     show_default=True,
     help="Floating dtype of the output; keep = the base's.",
 )
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="Where ΔW is computed; auto = cuda when available.",
-)
+@device_option
 @click.option(
     "--reversible",
     is_flag=True,

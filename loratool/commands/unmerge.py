@@ -5,28 +5,14 @@ from __future__ import annotations
 import click
 
 from ..console import emit_json
-from .merge import ShardProgress, as_json, render
+from .merge import ShardProgress, as_json, device_option, output_option, render
 
 
 @click.command("unmerge")
 @click.argument("merged", type=click.Path())
 @click.argument("adapters", nargs=-1, required=True)
-@click.option(
-    "-o",
-    "--output",
-    "--out",
-    "out",
-    required=True,
-    type=click.Path(),
-    help="Output checkpoint (new path).",
-)
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="Where ΔW is computed; auto = cuda when available.",
-)
+@output_option
+@device_option
 @click.option(
     "--force",
     is_flag=True,
