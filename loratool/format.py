@@ -82,7 +82,7 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
 
 
-def _loads(text: str, *, code: str, what: str, where: str) -> Any:
+def strict_loads(text: str, *, code: str, what: str, where: str) -> Any:
     """Strict JSON: no duplicate keys (readers would disagree on which wins), no NaN/Infinity."""
     try:
         return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
@@ -155,7 +155,7 @@ def parse_container(
         raise _fail(
             "header-json", f"header is not UTF-8 ({e.reason} at byte {e.start})", where
         ) from None
-    doc = _loads(text, code="header-json", what="the header", where=where)
+    doc = strict_loads(text, code="header-json", what="the header", where=where)
     if not isinstance(doc, dict):
         raise _fail("header-json", "the header is not a JSON object", where)
 
@@ -233,7 +233,7 @@ def _check_offsets(tensors: dict[str, TensorInfo], data_bytes: int, where: str) 
 # loratool layer (spec §3–4, rules 10–20)
 
 
-def _adapter_from(tensors: dict[str, TensorInfo], meta: dict[str, str], where: str) -> Adapter:
+def adapter_from_tensors(tensors: dict[str, TensorInfo], meta: dict[str, str], where: str) -> Adapter:
     marker = meta.get(C.FORMAT_KEY)
     if marker != C.FORMAT_MARKER:
         raise _fail(
@@ -255,7 +255,7 @@ def _adapter_from(tensors: dict[str, TensorInfo], meta: dict[str, str], where: s
         if key not in meta:
             raise _fail("metadata-missing", f"required metadata key '{key}' is missing", where)
 
-    raw_targets = _loads(
+    raw_targets = strict_loads(
         meta[C.TARGETS_KEY], code="metadata-json", what=f"'{C.TARGETS_KEY}'", where=where
     )
     if not isinstance(raw_targets, dict):
@@ -266,14 +266,14 @@ def _adapter_from(tensors: dict[str, TensorInfo], meta: dict[str, str], where: s
         raise _fail("bad-target", f"{len(raw_targets)} targets (limit {C.MAX_TARGETS})", where)
     targets = {name: _target(name, entry, where) for name, entry in raw_targets.items()}
 
-    raw_base = _loads(meta[C.BASE_KEY], code="metadata-json", what=f"'{C.BASE_KEY}'", where=where)
+    raw_base = strict_loads(meta[C.BASE_KEY], code="metadata-json", what=f"'{C.BASE_KEY}'", where=where)
     base = _base(raw_base, where)
     sha = meta[C.SHA256_KEY]
     if not _SHA256_RE.match(sha):
         raise _fail("metadata-json", f"'{C.SHA256_KEY}' must be 64 lowercase hex digits", where)
     provenance: dict[str, Any] = {}
     if C.PROVENANCE_KEY in meta:
-        provenance = _loads(
+        provenance = strict_loads(
             meta[C.PROVENANCE_KEY], code="metadata-json", what=f"'{C.PROVENANCE_KEY}'", where=where
         )
         if not isinstance(provenance, dict):
@@ -411,7 +411,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     p = os.fspath(path)
     head, size = read_head(p)
     n, tensors, meta = parse_container(head, size, p)
-    adapter = _adapter_from(tensors, meta, p)
+    adapter = adapter_from_tensors(tensors, meta, p)
     header = Header(p, size, n, tensors, meta, adapter)
     for t in adapter.targets.values():
         t._loader = _Loader(header)

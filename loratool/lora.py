@@ -48,7 +48,7 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
 
 
-def _kind_of(module: nn.Module) -> str | None:
+def kind_of(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear):
         return C.KIND_LINEAR
     if _is_conv1d(module):
@@ -76,7 +76,7 @@ class LoraLayer(nn.Module):
         rslora: bool = False,
     ) -> None:
         super().__init__()
-        kind = _kind_of(base)
+        kind = kind_of(base)
         if kind is None:
             raise TypeError(f"cannot wrap {type(base).__name__}")
         w = base.weight
@@ -254,7 +254,7 @@ def select_modules(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
             hits = [
                 n
                 for n, m in modules
-                if _kind_of(m) in (C.KIND_LINEAR, C.KIND_CONV1D) and m is not head
+                if kind_of(m) in (C.KIND_LINEAR, C.KIND_CONV1D) and m is not head
             ]
         else:
             hits = [n for n, _ in modules if n == entry or n.endswith("." + entry)]
@@ -268,7 +268,7 @@ def select_modules(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
             chosen[n] = None
     by_name = dict(modules)
     for n in chosen:
-        if _kind_of(by_name[n]) is None:
+        if kind_of(by_name[n]) is None:
             raise UsageError(
                 f"target '{n}' is a {type(by_name[n]).__name__}, not a Linear, Conv1D or Embedding",
                 code="unsupported-module",
@@ -279,7 +279,7 @@ def select_modules(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
 
 
 def _examples(modules: list[tuple[str, nn.Module]]) -> str:
-    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules if _kind_of(m) is not None})
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules if kind_of(m) is not None})
     return ", ".join(leaves[:8]) or "(none)"
 
 
@@ -379,7 +379,7 @@ def attach(model: nn.Module, adapter: Adapter) -> InjectionReport:
                 code="missing-module",
                 hint="the adapter was made for another base model",
             ) from None
-        kind = _kind_of(base)
+        kind = kind_of(base)
         w = getattr(base, "weight", None)
         if kind != t.kind or not isinstance(w, torch.Tensor) or tuple(w.shape) != t.weight_shape:
             raise UsageError(

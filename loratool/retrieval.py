@@ -444,7 +444,7 @@ def apply_adapter(model: nn.Module, adapter: Adapter) -> int:
     ``model`` or its shape differs. Returns the number of adapted modules.
     """
     from .adapter import Adapter as AdapterClass
-    from .lora import _kind_of, inject, load_factors
+    from .lora import kind_of, inject, load_factors
 
     modules = dict(model.named_modules())
     targets = []
@@ -459,7 +459,7 @@ def apply_adapter(model: nn.Module, adapter: Adapter) -> int:
         module = modules[name]
         weight = getattr(module, "weight", None)
         shape = tuple(weight.shape) if weight is not None else ()
-        if _kind_of(module) != t.kind or shape != tuple(t.weight_shape):
+        if kind_of(module) != t.kind or shape != tuple(t.weight_shape):
             raise CompatibilityError(
                 f"target '{t.name}' expects a {t.kind} weight {list(t.weight_shape)} but the "
                 f"model has {type(module).__name__} {list(shape)}",

@@ -102,7 +102,7 @@ def open_st(path: str | os.PathLike[str]) -> StFile:
 
 def read_json(path: str | os.PathLike[str], *, what: str, code: str = "bad-config") -> Any:
     """A small JSON file, bounded and strict (no NaN, no duplicate keys)."""
-    from ..format import _loads
+    from ..format import strict_loads
 
     p = os.fspath(path)
     try:
@@ -119,7 +119,7 @@ def read_json(path: str | os.PathLike[str], *, what: str, code: str = "bad-confi
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise FormatError(f"{what} is not UTF-8", code=code, where=p) from None
-    return _loads(text, code=code, what=what, where=p)
+    return strict_loads(text, code=code, what=what, where=p)
 
 
 def st_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:

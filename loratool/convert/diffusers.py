@@ -36,9 +36,9 @@ _LEGACY = (".lora.down.weight", ".lora.up.weight", "_lora.down.weight", "_lora.u
 
 def _configs(text: str, where: str) -> dict[str, dict[str, Any]]:
     """component ("" for a single unprefixed config) -> checked PEFT config."""
-    from ..format import _loads
+    from ..format import strict_loads
 
-    doc = _loads(text, code="bad-config", what=f"'{METADATA_KEY}'", where=where)
+    doc = strict_loads(text, code="bad-config", what=f"'{METADATA_KEY}'", where=where)
     if not isinstance(doc, dict):
         raise FormatError(f"'{METADATA_KEY}' is not a JSON object", code="bad-config", where=where)
     if any(k in doc for k in ("r", "lora_alpha", "peft_type", "target_modules")):

@@ -92,12 +92,12 @@ def looks_like_kohya(st: StFile) -> bool:
 
 def _name_map(st: StFile, names: set[str]) -> dict[str, str]:
     """loratool's own kohya → module map, kept only where each entry is consistent."""
-    from ..format import _loads
+    from ..format import strict_loads
 
     raw = st.metadata.get(NAMES_KEY)
     if raw is None:
         return {}
-    doc = _loads(raw, code="bad-metadata", what=f"'{NAMES_KEY}'", where=st.path)
+    doc = strict_loads(raw, code="bad-metadata", what=f"'{NAMES_KEY}'", where=st.path)
     if not isinstance(doc, dict):
         return {}
     out = {}

@@ -72,7 +72,7 @@ def open_remote_header(
     Offline, a cached copy is used if there is one.
     """
     from .. import __version__
-    from ..format import Header, _adapter_from, parse_container
+    from ..format import Header, adapter_from_tensors, parse_container
     from ..sources import Opened, open_adapter
 
     repo_id, revision, filename = parse_hf_uri(uri)
@@ -106,7 +106,7 @@ def open_remote_header(
                 head = first + rest
     n, tensors, meta = parse_container(head, total, uri)
     try:
-        adapter = _adapter_from(tensors, meta, uri)
+        adapter = adapter_from_tensors(tensors, meta, uri)
     except FormatError as e:
         if e.code != "not-loratool":
             raise
