@@ -173,7 +173,7 @@ def _check_embedding_copies(adapter: Adapter, ckpt: Checkpoint, notes: list[str]
     import torch
 
     from ._st import open_st
-    from .peft import WEIGHTS_NAME
+    from .peft_config import WEIGHTS_NAME
 
     source = adapter.provenance.get("source")
     copies = source.get("embedding_copies") if isinstance(source, dict) else None
@@ -337,7 +337,7 @@ def convert(
 
         save(adapter, out, force=force)
     elif to == "peft":
-        from .peft import write_peft
+        from .peft_write import write_peft
 
         write_peft(adapter, out, force=force, task_type=_task_type(base))
     elif to == "kohya":

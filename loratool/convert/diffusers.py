@@ -18,13 +18,8 @@ from ..adapter import Adapter
 from ..errors import FormatError
 from . import naming
 from ._st import StFile, open_st
-from .peft import (
-    KEY_PREFIX,
-    build_targets,
-    check_config,
-    group_keys,
-    refuse_extras,
-)
+from .peft_config import KEY_PREFIX, check_config
+from .peft_keys import build_targets, group_keys, refuse_extras
 
 if TYPE_CHECKING:
     from ..sources import Opened

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 from .. import constants as C
 from ..errors import FormatError, UsageError
+from . import naming
 from .kohya import kohya_alpha
-from .peft import _most_common
 
 if TYPE_CHECKING:
     import numpy as np
@@ -126,7 +126,7 @@ def llama_permute(rows: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def file_alpha(adapter: Adapter) -> float:
     """The file's ``adapter.lora.alpha``: the most common s_t·r_t (see the module docstring)."""
-    return float(_most_common(kohya_alpha(t) for t in adapter.targets.values()))
+    return float(naming.most_common(kohya_alpha(t) for t in adapter.targets.values()))
 
 
 def _heads(hparams: Mapping[str, Any], name: str, out: int) -> int:

@@ -28,7 +28,7 @@ from ..adapter import Adapter, Target
 from ..errors import FormatError, UsageError
 from . import naming
 from ._st import StFile, open_st
-from .peft import check_module_name, factor_loader
+from .peft_keys import check_module_name, factor_loader
 
 if TYPE_CHECKING:
     import torch

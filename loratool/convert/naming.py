@@ -135,6 +135,14 @@ def _suffix_matches(suffix: str, name: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
 
 
+def most_common(values: Iterable[V]) -> V:
+    """The value seen most often; ties go to the smallest, so the choice is deterministic."""
+    counts: dict[V, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    return min(counts, key=lambda v: (-counts[v], v))  # type: ignore[type-var]
+
+
 def suffix_patterns(values: Mapping[str, V], default: V) -> dict[str, V]:
     """Pattern keys for ``rank_pattern``/``alpha_pattern`` that give every name its value.
 
@@ -239,28 +247,28 @@ def resolve_kohya(name: str, index: Mapping[str, list[str]], *, where: str) -> s
             continue
         rest = name[len(prefix) :]
         tried.append(rest)
-        hits = index.get(rest, [])
-        if len(hits) == 1:
-            return hits[0]
-        if len(hits) > 1:
-            raise CompatibilityError(
-                f"kohya module '{name}' matches several base modules: {', '.join(sorted(hits))}",
-                code="ambiguous-module",
-                where=where,
-            )
+        hit = _only_hit(name, sorted(index.get(rest, [])), where=where)
+        if hit is not None:
+            return hit
     for rest in tried:
         hits = sorted({m for u, ms in index.items() if u.endswith("_" + rest) for m in ms})
-        if len(hits) == 1:
-            return hits[0]
-        if len(hits) > 1:
-            raise CompatibilityError(
-                f"kohya module '{name}' matches several base modules: {', '.join(hits[:4])}",
-                code="ambiguous-module",
-                where=where,
-            )
+        hit = _only_hit(name, hits, where=where, shown=4)
+        if hit is not None:
+            return hit
     raise CompatibilityError(
         f"kohya module '{name}' matches no weight in the base",
         code="missing-module",
         where=where,
         hint="is this the base model the adapter was trained on?",
     )
+
+
+def _only_hit(name: str, hits: list[str], *, where: str, shown: int | None = None) -> str | None:
+    """The one base module ``hits`` holds, None for none; several is an error (``shown`` named)."""
+    if len(hits) > 1:
+        raise CompatibilityError(
+            f"kohya module '{name}' matches several base modules: {', '.join(hits[:shown])}",
+            code="ambiguous-module",
+            where=where,
+        )
+    return hits[0] if hits else None
