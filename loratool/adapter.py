@@ -15,11 +15,23 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import constants as C
+from . import kinds
 
 if TYPE_CHECKING:
     import torch
 
 TensorLoader = Callable[[str], "torch.Tensor"]
+
+# The writer lives a layer above this module (loratool/format) and installs itself here when it
+# is imported (``import loratool`` always imports it), so the dataclass never imports the code
+# that serialises it: dependencies point one way, format → adapter.
+_writer: Callable[..., None] | None = None
+
+
+def install_writer(writer: Callable[..., None]) -> None:
+    """Called once by ``loratool.format``: the function ``Adapter.save`` delegates to."""
+    global _writer
+    _writer = writer
 
 
 def scale_for(alpha: float, rank: int, scale_rule: str) -> float:
@@ -34,9 +46,7 @@ def alpha_for(scale: float, rank: int, scale_rule: str) -> float:
 
 def weight_shape(kind: str, in_features: int, out_features: int) -> tuple[int, int]:
     """Shape of the base weight ``M.weight`` as the base model stores it (spec §3.2)."""
-    if kind == C.KIND_LINEAR:
-        return (out_features, in_features)
-    return (in_features, out_features)  # conv1d stores [in, out]; embedding [num_embeddings, dim]
+    return kinds.get(kind).weight_shape(in_features, out_features)
 
 
 def fingerprint(weights: Iterable[tuple[str, Iterable[int]]]) -> str:
@@ -87,7 +97,7 @@ class Target:
         kind: str = C.KIND_LINEAR,
     ) -> Target:
         """A target from tensors A ``[r, in]`` and B ``[out, r]``; alpha defaults to r (scale 1)."""
-        from .format import dtype_name
+        from .dtypes import dtype_name
 
         rank, in_features = lora_A.shape
         out_features, rank_b = lora_B.shape
@@ -247,9 +257,9 @@ class Adapter:
 
     def save(self, path: str | os.PathLike[str], *, force: bool = False) -> None:
         """Write this adapter in canonical bytes (spec §5), atomically."""
-        from .format import save
-
-        save(self, path, force=force)
+        if _writer is None:  # pragma: no cover - loratool/__init__ always imports the format
+            raise RuntimeError("loratool.format is not imported")
+        _writer(self, path, force=force)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """``{'<module>.lora_A': A, '<module>.lora_B': B}`` for every target."""

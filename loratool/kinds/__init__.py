@@ -1,0 +1,56 @@
+"""The kind registry: each adapter kind is defined once, and every operation asks it.
+
+A *kind* says how a target's factors relate to the base weight they adapt: the tensors it stores,
+the shape of that weight, how ``ΔW = s·B·A`` (always ``[out, in]``, spec §3) lands on the weight as
+the base stores it, how the training layer applies it, and what it is called in PEFT, kohya and
+GGUF files. Merge, unmerge, reduce-rank, combine, extract, inspect, convert and the trainer's
+layer look a kind up here instead of branching on its name::
+
+    from loratool import kinds
+    kind = kinds.get(target.kind)           # by the name in the file's header
+    kind = kinds.of_module(module)          # by the torch module it would wrap (or None)
+    left, right = kind.stored_factors(A, B, coef)   # left @ right == coef·ΔW, stored orientation
+
+A new kind is one module in this package with a ``Kind`` subclass, added to ``REGISTRY`` below;
+its name goes into ``constants.KINDS`` (spec §3.2). This package imports no torch: methods that
+work on tensors import it when called.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import UsageError
+from .base import Kind
+from .embedding import Embedding
+from .linear import Conv1D, Linear
+
+REGISTRY: dict[str, Kind] = {k.name: k for k in (Linear(), Conv1D(), Embedding())}
+
+
+def get(name: str) -> Kind:
+    """The kind called ``name`` in a file's header (spec §3.2)."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UsageError(
+            f"unknown layer kind '{name}'",
+            code="unknown-kind",
+            hint=f"known kinds: {', '.join(REGISTRY)}",
+        ) from None
+
+
+def of_module(module: Any) -> Kind | None:
+    """The kind that adapts this torch module, or None when no kind does."""
+    for kind in REGISTRY.values():
+        if kind.wraps(module):
+            return kind
+    return None
+
+
+def linear_like() -> tuple[str, ...]:
+    """Kinds PEFT's ``all-linear`` selects: dense layers whose input is a vector (not ids)."""
+    return tuple(k.name for k in REGISTRY.values() if k.dense)
+
+
+__all__ = ["REGISTRY", "Conv1D", "Embedding", "Kind", "Linear", "get", "linear_like", "of_module"]
