@@ -325,7 +325,7 @@ class _EmbeddingTrainer:
                     "warning",
                     message=f"{len(lines)} pairs have texts longer than {self.seq_len} tokens; "
                     f"they are truncated, as sentence-transformers does (lines "
-                    f"{D._ranges(lines[:50])}{', ...' if len(lines) > 50 else ''})",
+                    f"{D.line_ranges(lines[:50])}{', ...' if len(lines) > 50 else ''})",
                 )
             )
 

@@ -198,7 +198,7 @@ class _Trainer:
             else None
         )
         if tok.truncated:
-            shown = D._ranges(tok.truncated[:50]) + (", ..." if len(tok.truncated) > 50 else "")
+            shown = D.line_ranges(tok.truncated[:50]) + (", ..." if len(tok.truncated) > 50 else "")
             self.warn(
                 f"{len(tok.truncated)} records longer than --seq-len {c.seq_len} were cut to it "
                 f"(lines {shown})"
