@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import click
 
 from ..console import emit_json, human_bytes, warn
+from ..lowrank.rules import RULE_KEYS  # no torch: the rules are plain Python
 
 if TYPE_CHECKING:
     from ..lowrank import LowRankReport
@@ -27,9 +28,6 @@ RULES_HELP = (
     "exceeds min(in, out) or the input's rank. A zero target (ΔW = 0, e.g. B right after "
     "initialisation) is kept with zero factors at rank K under --rank, else max(1, --min-rank)."
 )
-
-
-RULE_KEYS = ("rank", "energy", "sv_ratio", "sv_cumulative", "sv_fro", "max_rank", "min_rank")
 
 
 def rule_options(f: F) -> F:

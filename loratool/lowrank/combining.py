@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Unpack
 
 from .. import constants as C
 from ..adapter import Adapter, BaseBinding, Target
 from ..errors import CompatibilityError, UsageError
-from .core import _factors32, _Job, _solve
-from .report import LowRankReport, _report_row, _source
-from .rules import make_rule
+from .core import CoreJob, factors32, solve
+from .report import LowRankReport, report_row, source_entry
+from .rules import RuleArgs, check_rule_keys, make_rule
 
 
 def _widest_dtype(names: Iterable[str]) -> str:
@@ -24,14 +25,8 @@ def combine(
     adapters: Sequence[Adapter],
     *,
     weights: Sequence[float] | None = None,
-    rank: int | None = None,
-    energy: float | None = None,
-    sv_ratio: float | None = None,
-    sv_cumulative: float | None = None,
-    sv_fro: float | None = None,
-    max_rank: int | None = None,
-    min_rank: int | None = None,
     device: str = "cpu",
+    **rules: Unpack[RuleArgs],
 ) -> tuple[Adapter, LowRankReport]:
     """The exact weighted sum Σ w_i·ΔW_i per target (weights default to 1), optionally truncated.
 
@@ -46,16 +41,8 @@ def combine(
     """
     if not adapters:
         raise UsageError("combine needs at least one adapter", code="no-inputs")
-    rule = make_rule(
-        rank=rank,
-        energy=energy,
-        sv_ratio=sv_ratio,
-        sv_cumulative=sv_cumulative,
-        sv_fro=sv_fro,
-        max_rank=max_rank,
-        min_rank=min_rank,
-        required=False,
-    )
+    check_rule_keys("combine", dict(rules))
+    rule = make_rule(**rules, required=False)
     if weights is None:
         weights = [1.0] * len(adapters)
     if len(weights) != len(adapters):
@@ -73,7 +60,7 @@ def combine(
     from ..format import torch_dtype
 
     names = sorted({name for a in adapters for name in a.targets})
-    jobs: list[_Job] = []
+    jobs: list[CoreJob] = []
     info: dict[str, tuple[Target, int, str, list[int]]] = {}  # first target, R, dtype, inputs
     for name in names:
         parts = [(i, ws[i], a.targets[name]) for i, a in enumerate(adapters) if name in a.targets]
@@ -92,16 +79,16 @@ def combine(
                 )
         bs, as_, bound = [], [], 0.0
         for i, w, t in parts:
-            a, b = _factors32(t, adapters[i].path)
+            a, b = factors32(t, adapters[i].path)
             c = w * t.scale  # this input's whole multiplier, moved into its B block
             bs.append(b * c)
             as_.append(a)
             bound += abs(c) * float(b.norm()) * float(a.norm())
         B, A = torch.cat(bs, dim=1), torch.cat(as_, dim=0)
-        jobs.append(_Job(name, B, A, 1.0, 1.0, bound))
+        jobs.append(CoreJob(name, B, A, 1.0, 1.0, bound))
         dtype = _widest_dtype(t.dtype for _, _, t in parts)
         info[name] = (first, B.shape[1], dtype, [i for i, _, _ in parts])
-    solved = _solve(jobs, rule, device=device)
+    solved = solve(jobs, rule, device=device)
 
     report = LowRankReport("combine", rule)
     new: dict[str, Target] = {}
@@ -129,7 +116,7 @@ def combine(
             for i in inputs
         )
         report.targets.append(
-            _report_row(
+            report_row(
                 job.name,
                 r.sv,
                 k,
@@ -163,7 +150,9 @@ def combine(
             {
                 "operation": "combine",
                 "rule": None if rule is None else rule.to_json(),
-                "inputs": [{**_source(a), "weight": w} for a, w in zip(adapters, ws, strict=True)],
+                "inputs": [
+                    {**source_entry(a), "weight": w} for a, w in zip(adapters, ws, strict=True)
+                ],
             }
         ]
     }

@@ -106,7 +106,7 @@ def spectrum(target: Target) -> Spectrum:
 
 
 @dataclass
-class _Job:
+class CoreJob:
     """One ΔW = scale · B @ A to factor, with B's column blocks already multiplied by their weights."""
 
     name: str
@@ -118,7 +118,7 @@ class _Job:
 
 
 @dataclass
-class _Solved:
+class Solved:
     sv: list[float]  # every singular value of ΔW, descending, numerical zeros set to 0
     k: int
     B: torch.Tensor  # [m, k] fp32: out_scale · B @ A is the rank-k truncation of ΔW
@@ -126,17 +126,17 @@ class _Solved:
     zero: bool
 
 
-def _solve(jobs: Sequence[_Job], rule: Rule | None, *, device: str) -> dict[str, _Solved]:
+def solve(jobs: Sequence[CoreJob], rule: Rule | None, *, device: str) -> dict[str, Solved]:
     """Top-k SVD factors of every job, same-shaped jobs stacked into one batched QR core.
 
     ``rule=None`` keeps everything up to min(m, n, R) (exact: ΔW has no more rank than that).
     """
     import torch
 
-    groups: dict[tuple[int, int, int], list[_Job]] = {}
+    groups: dict[tuple[int, int, int], list[CoreJob]] = {}
     for j in jobs:
         groups.setdefault((j.B.shape[0], j.A.shape[1], j.B.shape[1]), []).append(j)
-    out: dict[str, _Solved] = {}
+    out: dict[str, Solved] = {}
     for (m, n, R), group in groups.items():
         per_job = 3 * 4 * (m + n) * R  # inputs, Householder copies, the kept columns
         step = max(1, BATCH_BYTES // per_job)
@@ -146,8 +146,8 @@ def _solve(jobs: Sequence[_Job], rule: Rule | None, *, device: str) -> dict[str,
 
 
 def _solve_batch(
-    jobs: Sequence[_Job], rule: Rule | None, m: int, n: int, R: int, device: str, torch: Any
-) -> dict[str, _Solved]:
+    jobs: Sequence[CoreJob], rule: Rule | None, m: int, n: int, R: int, device: str, torch: Any
+) -> dict[str, Solved]:
     f32 = torch.float32
     N = len(jobs)
     B = torch.stack([j.B for j in jobs]).to(device=device, dtype=f32)  # [N, m, R]
@@ -201,7 +201,7 @@ def _solve_batch(
     new_b = torch.ormqr(hb, tb, cb).cpu()  # Q_b U_k diag(√σ/√|s'|)  [N, m, kmax]
     new_a = torch.ormqr(ha, ta, ca).mT.cpu()  # diag(√σ/√|s'|) V_kᵀ Q_aᵀ [N, kmax, n]
     return {
-        j.name: _Solved(
+        j.name: Solved(
             sv=sv,
             k=k,
             B=new_b[i, :, :k].contiguous(),
@@ -212,7 +212,7 @@ def _solve_batch(
     }
 
 
-def _factors32(t: Target, where: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+def factors32(t: Target, where: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """A target's (A, B) in fp32, refusing non-finite values and shapes that disagree."""
     import torch
 

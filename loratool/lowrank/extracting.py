@@ -16,15 +16,15 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Unpack
 
 from .. import constants as C
 from ..adapter import Adapter, BaseBinding, Target
 from ..errors import FormatError, UsageError
 from .core import EPS32
-from .modules import _hub_of, _select_modules
-from .report import LowRankReport, _report_row
-from .rules import Rule, make_rule
+from .modules import hub_of, select_modules
+from .report import LowRankReport, report_row
+from .rules import Rule, RuleArgs, check_rule_keys, make_rule
 
 if TYPE_CHECKING:
     import torch
@@ -120,13 +120,6 @@ def extract(
     base: str | os.PathLike[str] | Checkpoint,
     finetuned: str | os.PathLike[str] | Checkpoint,
     *,
-    rank: int | None = None,
-    energy: float | None = None,
-    sv_ratio: float | None = None,
-    sv_cumulative: float | None = None,
-    sv_fro: float | None = None,
-    max_rank: int | None = None,
-    min_rank: int | None = None,
     targets: str | Sequence[str] | None = None,
     device: str = "auto",
     dtype: str = "F32",
@@ -134,6 +127,7 @@ def extract(
     hub_id: str | None = None,
     revision: str | None = None,
     progress: Progress | None = None,
+    **rules: Unpack[RuleArgs],
 ) -> tuple[Adapter, LowRankReport]:
     """A LoRA whose ΔW per module is the truncated SVD of ``finetuned − base``.
 
@@ -149,15 +143,8 @@ def extract(
     from ..checkpoint import ALL_DTYPES, Checkpoint
     from ..format import dtype_name, torch_dtype
 
-    rule = make_rule(
-        rank=rank,
-        energy=energy,
-        sv_ratio=sv_ratio,
-        sv_cumulative=sv_cumulative,
-        sv_fro=sv_fro,
-        max_rank=max_rank,
-        min_rank=min_rank,
-    )
+    check_rule_keys("extract", dict(rules))
+    rule = make_rule(**rules)
     assert rule is not None
     if method not in ("auto", "exact", "randomized"):
         raise UsageError(
@@ -178,7 +165,7 @@ def extract(
     fc = finetuned if isinstance(finetuned, Checkpoint) else Checkpoint(finetuned)
 
     report = LowRankReport("extract", rule)
-    modules = _select_modules(bc, fc, targets, report.warnings)
+    modules = select_modules(bc, fc, targets, report.warnings)
     new: dict[str, Target] = {}
     for done, mod in enumerate(modules, 1):
         D = fc.read(mod.ft_key).to(dev, torch.float32)
@@ -206,7 +193,7 @@ def extract(
                 residual_sq = float(torch.linalg.vector_norm(D)) ** 2
             m, n = D.shape
             report.targets.append(
-                _report_row(
+                report_row(
                     mod.name,
                     sv,
                     k,
@@ -233,7 +220,7 @@ def extract(
             hint="check that FINETUNED is the fine-tuned model and --targets names changed modules",
         )
     if hub_id is None and revision is None:
-        hub_id, revision = _hub_of(bc)
+        hub_id, revision = hub_of(bc)
     provenance = {
         "operations": [
             {

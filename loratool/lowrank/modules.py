@@ -38,7 +38,7 @@ def _conv1d_model(ckpt: Checkpoint) -> bool:
     return model_type in _CONV1D_MODEL_TYPES
 
 
-def _hub_of(ckpt: Checkpoint) -> tuple[str | None, str | None]:
+def hub_of(ckpt: Checkpoint) -> tuple[str | None, str | None]:
     """Hub id and revision recorded beside a base checkpoint (``loratool_source.json``), if any."""
     folder = ckpt.path if ckpt.is_dir else ckpt.path.parent
     try:
@@ -52,7 +52,7 @@ def _hub_of(ckpt: Checkpoint) -> tuple[str | None, str | None]:
 
 
 @dataclass
-class _Module:
+class Module:
     name: str
     base_key: str
     ft_key: str
@@ -64,9 +64,9 @@ class _Module:
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
-def _select_modules(
+def select_modules(
     base: Checkpoint, ft: Checkpoint, targets: str | Sequence[str] | None, warnings: list[str]
-) -> list[_Module]:
+) -> list[Module]:
     """The modules to extract, in the base's storage order (so reads sweep each shard once)."""
     candidates = [
         key[: -len(".weight")]
@@ -104,7 +104,7 @@ def _select_modules(
         e = base.entries[m + ".weight"]
         return order[e.shard], e.info.begin
 
-    out: list[_Module] = []
+    out: list[Module] = []
     for m in sorted(chosen, key=storage):
         bkey = m + ".weight"
         if base.dtype(bkey) not in _FLOAT_DTYPES:
@@ -132,5 +132,5 @@ def _select_modules(
             kind, n_in, n_out = C.KIND_CONV1D, d0, d1  # Conv1D stores [in, out]
         else:
             kind, n_in, n_out = C.KIND_LINEAR, d1, d0
-        out.append(_Module(m, bkey, fkey, kind, n_in, n_out))
+        out.append(Module(m, bkey, fkey, kind, n_in, n_out))
     return out

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Unpack
+
 from .. import constants as C
 from ..adapter import Adapter, Target, alpha_for
-from .core import _factors32, _Job, _solve
-from .report import LowRankReport, _operations, _report_row, _source
-from .rules import make_rule
+from .core import CoreJob, factors32, solve
+from .report import LowRankReport, report_row, source_entry, with_operation
+from .rules import RuleArgs, check_rule_keys, make_rule
 
 
 def reduce_rank(
     adapter: Adapter,
     *,
-    rank: int | None = None,
-    energy: float | None = None,
-    sv_ratio: float | None = None,
-    sv_cumulative: float | None = None,
-    sv_fro: float | None = None,
-    max_rank: int | None = None,
-    min_rank: int | None = None,
     device: str = "cpu",
+    **rules: Unpack[RuleArgs],
 ) -> tuple[Adapter, LowRankReport]:
     """The best rank-k approximation of every target, k chosen by exactly one rule.
 
@@ -27,25 +23,18 @@ def reduce_rank(
     ``alpha_for(scale, k, rule)``. The base binding, provenance (plus an ``operations`` entry)
     and unknown metadata are kept.
     """
-    rule = make_rule(
-        rank=rank,
-        energy=energy,
-        sv_ratio=sv_ratio,
-        sv_cumulative=sv_cumulative,
-        sv_fro=sv_fro,
-        max_rank=max_rank,
-        min_rank=min_rank,
-    )
+    check_rule_keys("reduce_rank", dict(rules))
+    rule = make_rule(**rules)
     assert rule is not None
     from ..format import iter_targets, torch_dtype
 
     targets = list(iter_targets(adapter))
     jobs = []
     for t in targets:
-        a, b = _factors32(t, adapter.path)
+        a, b = factors32(t, adapter.path)
         s = t.scale
-        jobs.append(_Job(t.name, b, a, s, s, abs(s) * float(b.norm()) * float(a.norm())))
-    solved = _solve(jobs, rule, device=device)
+        jobs.append(CoreJob(t.name, b, a, s, s, abs(s) * float(b.norm()) * float(a.norm())))
+    solved = solve(jobs, rule, device=device)
 
     report = LowRankReport("reduce-rank", rule)
     new: dict[str, Target] = {}
@@ -62,7 +51,7 @@ def reduce_rank(
         )
         size = C.DTYPE_SIZES[t.dtype]
         report.targets.append(
-            _report_row(
+            report_row(
                 t.name,
                 r.sv,
                 r.k,
@@ -80,9 +69,9 @@ def reduce_rank(
             report.warnings.append(
                 f"target '{t.name}' is zero (ΔW = 0): kept at rank {r.k} with zero factors"
             )
-    provenance = _operations(
+    provenance = with_operation(
         adapter.provenance,
-        {"operation": "reduce-rank", "rule": rule.to_json(), "input": _source(adapter)},
+        {"operation": "reduce-rank", "rule": rule.to_json(), "input": source_entry(adapter)},
     )
     out = Adapter(
         targets=new,

@@ -105,7 +105,7 @@ class LowRankReport:
         }
 
 
-def _report_row(
+def report_row(
     name: str,
     sv: Sequence[float],
     k: int,
@@ -150,7 +150,7 @@ def _report_row(
     )
 
 
-def _operations(provenance: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+def with_operation(provenance: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
     """``provenance`` with ``entry`` appended to its ``operations`` list."""
     out = dict(provenance)
     ops = out.get("operations")
@@ -158,7 +158,7 @@ def _operations(provenance: dict[str, Any], entry: dict[str, Any]) -> dict[str, 
     return out
 
 
-def _source(adapter: Adapter) -> dict[str, Any]:
+def source_entry(adapter: Adapter) -> dict[str, Any]:
     return {
         "file": os.path.basename(adapter.path) if adapter.path else None,
         "sha256": adapter.sha256,

@@ -20,7 +20,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from ..errors import UsageError
 
@@ -33,6 +33,34 @@ RULE_FLAGS = {
     "sv_cumulative": "--sv-cumulative",
     "sv_fro": "--sv-fro",
 }
+
+
+class RuleArgs(TypedDict, total=False):
+    """The rank-rule keywords of ``make_rule``, ``reduce_rank``, ``combine`` and ``extract``.
+
+    Spelled once here: the operations take ``**rules: Unpack[RuleArgs]`` and hand them on, and
+    the CLI builds its options from ``RULE_KEYS``. At most one of the first five is given.
+    """
+
+    rank: int | None
+    energy: float | None
+    sv_ratio: float | None
+    sv_cumulative: float | None
+    sv_fro: float | None
+    max_rank: int | None
+    min_rank: int | None
+
+
+RULE_KEYS: tuple[str, ...] = tuple(RuleArgs.__annotations__)  # in the order above
+
+
+def check_rule_keys(caller: str, rules: dict[str, Any]) -> None:
+    """The ``TypeError`` Python raises for an unknown keyword, which ``**rules`` would swallow."""
+    for key in rules:
+        if key not in RULE_KEYS:
+            raise TypeError(f"{caller}() got an unexpected keyword argument {key!r}")
+
+
 _RULE_HINT = "pass one of --rank K, --energy F, --sv-ratio P, --sv-cumulative P, --sv-fro P"
 
 
@@ -106,25 +134,11 @@ class Rule:
         return max(1, min(k, cap))
 
 
-def make_rule(
-    *,
-    rank: int | None = None,
-    energy: float | None = None,
-    sv_ratio: float | None = None,
-    sv_cumulative: float | None = None,
-    sv_fro: float | None = None,
-    max_rank: int | None = None,
-    min_rank: int | None = None,
-    required: bool = True,
-) -> Rule | None:
+def make_rule(*, required: bool = True, **rules: Unpack[RuleArgs]) -> Rule | None:
     """Validate one rank rule and its bounds; raise ``UsageError`` on a bad combination."""
-    values = {
-        "rank": rank,
-        "energy": energy,
-        "sv_ratio": sv_ratio,
-        "sv_cumulative": sv_cumulative,
-        "sv_fro": sv_fro,
-    }
+    check_rule_keys("make_rule", dict(rules))
+    values = {key: rules.get(key) for key in RULE_FLAGS}
+    max_rank, min_rank = rules.get("max_rank"), rules.get("min_rank")
     given = {k: v for k, v in values.items() if v is not None}
     if len(given) > 1:
         flags = " and ".join(RULE_FLAGS[k] for k in given)
