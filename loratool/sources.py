@@ -1,8 +1,14 @@
 """Open any adapter loratool understands and say what it was: the one entry point for readers.
 
 ``open_adapter`` returns an ``Opened``: the adapter (tensors lazy), the source format's name and,
-for loratool files, the parsed container header. Readers for other formats register in ``READERS``
-(see loratool/convert); the loratool reader needs no torch, so ``inspect`` stays fast.
+for loratool files, the parsed container header. The loratool reader needs no torch, so
+``inspect`` stays fast.
+
+This module owns the dispatch and imports no operation package: the readers of other formats
+are named here by format (``READERS``, "module:function") and imported only when a path is not
+a loratool file; a path with a scheme goes to the opener named for it (``OPENERS``: ``hf://``
+reads the header by HTTP range requests, loratool/hub/remote.py), so reading a local file never
+imports the Hub package. Those packages import this one (for ``Opened``), never the reverse.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .adapter import Adapter
 from .format import Header, read_header
@@ -29,7 +36,17 @@ class Opened:
 # A reader takes a path and returns an Opened when the path is in its format, or None when it is
 # not (so the next reader is tried). It raises FormatError when the path is its format but broken.
 Reader = Callable[[str], "Opened | None"]
-READERS: list[Reader] = []
+
+# Tried in this order after the loratool reader.
+READERS: dict[str, str] = {
+    "peft": "loratool.convert.peft_read:open_peft",
+    "diffusers": "loratool.convert.diffusers:open_diffusers",
+    "kohya": "loratool.convert.kohya:open_kohya",
+}
+# The last reader: nothing matched, so it raises the error that says what the path is.
+FALLBACK_READER = "loratool.convert.core:open_unknown"
+# scheme prefix -> opener (path -> Opened); imported only for such paths.
+OPENERS: dict[str, str] = {"hf://": "loratool.hub.remote:open_remote_header"}
 
 
 def open_adapter(path: str | os.PathLike[str]) -> Opened:
@@ -37,12 +54,10 @@ def open_adapter(path: str | os.PathLike[str]) -> Opened:
     from .errors import FormatError
 
     p = os.fspath(path)
-    if p.startswith("hf://"):
-        # hf://REPO_ID[@REV]/FILE: the header by HTTP range requests (loratool/hub/remote.py); the Hub
-        # client is imported only for such paths.
-        from .hub import open_remote_header
-
-        return open_remote_header(p)
+    for scheme, opener in OPENERS.items():
+        if p.startswith(scheme):
+            opened: Opened = _resolve(opener)(p)
+            return opened
     try:
         header = read_header(p)
         return Opened(header.adapter, LORATOOL, p, header.file_bytes, header)
@@ -50,17 +65,28 @@ def open_adapter(path: str | os.PathLike[str]) -> Opened:
         if e.code not in ("not-loratool", "not-a-file"):
             raise
         first = e
-    _load_readers()
-    for reader in READERS:
-        opened = reader(p)
-        if opened is not None:
-            return opened
+    for reader in _readers():
+        found = reader(p)
+        if found is not None:
+            return found
     raise first
 
 
-def _load_readers() -> None:
-    """Import the converters that register readers (kept out of the fast path)."""
-    import contextlib
+def _readers() -> list[Reader]:
+    """The registered readers, imported now (kept out of the fast path); missing ones skipped."""
+    readers: list[Reader] = []
+    for spec in (*READERS.values(), FALLBACK_READER):
+        try:
+            readers.append(_resolve(spec))
+        except ImportError:
+            continue
+    return readers
 
-    with contextlib.suppress(ImportError):
-        import loratool.convert  # noqa: F401  (registers its readers on import)
+
+def _resolve(spec: str) -> Callable[..., Any]:
+    """The function a "module:function" spec names."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    fn: Callable[..., Any] = getattr(importlib.import_module(module), name)
+    return fn

@@ -1,59 +1,43 @@
 """Convert adapters between loratool, PEFT, kohya and GGUF; read diffusers LoRA files too.
 
-Importing this package registers its readers in ``loratool.sources.READERS`` (PEFT folders,
-diffusers files, kohya files, then a last reader that names the formats loratool knows), so
-every command that opens an ADAPTER with ``open_adapter`` accepts them. Nothing here imports
-torch until tensors are read or written.
+Its readers (PEFT folders, diffusers files, kohya files, then a last reader that names the
+formats loratool knows) are listed by name in ``loratool.sources.READERS`` and imported by it
+only when a path is not a loratool file, so every command that opens an ADAPTER with
+``open_adapter`` accepts them. Nothing here imports torch until tensors are read or written.
 
     convert(src, dst, to="loratool"|"peft"|"kohya"|"gguf", dtype=None, base=None, force=False)
     detect(path) -> "loratool" | "peft" | "kohya" | "diffusers"
     peft.read_peft / peft.write_peft, kohya.read_kohya / kohya.write_kohya, gguf.write_gguf
+
+Imports point one way: cli → commands → operations (convert, hub, merging, lowrank, training)
+→ format (format, sources, checkpoint) → adapter → constants/errors. This package imports
+``sources`` (for ``Opened`` and ``open_adapter``) and the format layer, never ``hub``;
+``sources`` names our readers as strings and imports them lazily, so it does not import us;
+``hub`` imports ``sources`` and ``convert.peft`` (the PEFT twin of a push), never the reverse.
+
+One job per module:
+
+- ``core``: ``convert``, ``detect``, binding to a base, the catch-all reader;
+- ``peft_config`` / ``peft_keys`` / ``peft_read`` / ``peft_write``: PEFT folders (``peft``
+  re-exports their public names);
+- ``diffusers``, ``kohya``, ``gguf``: one format each; ``naming``: module names across formats;
+- ``_st``: safetensors headers and lazy tensor reads; ``check``: ``verify`` for other formats.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import TYPE_CHECKING
+# The format modules are part of the API (``loratool.convert.peft.read_peft``); none imports torch.
+from . import diffusers, gguf, kohya, peft
+from .core import DTYPES, KNOWN, TARGET_FORMATS, convert, detect
 
-from .core import DTYPES, KNOWN, TARGET_FORMATS, convert, detect, unknown_format
-
-if TYPE_CHECKING:
-    from ..sources import Opened
-
-__all__ = ["DTYPES", "KNOWN", "TARGET_FORMATS", "convert", "detect"]
-
-
-def _unknown(path: str) -> Opened | None:
-    """The last reader: nothing matched, so say what the path is and which formats we read."""
-    p = Path(path)
-    if p.is_dir():
-        raise unknown_format(
-            path, "a folder with no adapter_config.json or adapter_model.safetensors"
-        )
-    from ._st import open_st
-
-    st = open_st(path)
-    first = sorted(st.tensors)[:1]
-    seen = f"a safetensors file with {len(st.tensors)} tensors named like no LoRA format"
-    if first:
-        seen += f" (first: '{first[0]}')"
-    raise unknown_format(os.fspath(path), seen)
-
-
-def _register() -> None:
-    from .. import sources
-    from .diffusers import open_diffusers
-    from .kohya import open_kohya
-    from .peft import open_peft
-
-    for reader in (open_peft, open_diffusers, open_kohya):
-        if reader not in sources.READERS:
-            sources.READERS.append(reader)
-    # Keep the catch-all last, also when another module registered readers after ours.
-    if _unknown in sources.READERS:
-        sources.READERS.remove(_unknown)
-    sources.READERS.append(_unknown)
-
-
-_register()
+__all__ = [
+    "DTYPES",
+    "KNOWN",
+    "TARGET_FORMATS",
+    "convert",
+    "detect",
+    "diffusers",
+    "gguf",
+    "kohya",
+    "peft",
+]

@@ -44,6 +44,23 @@ def unknown_format(path: str, seen: str) -> FormatError:
     )
 
 
+def open_unknown(path: str) -> Opened | None:
+    """The last reader (``sources.FALLBACK_READER``): say what the path is and what we read."""
+    p = Path(path)
+    if p.is_dir():
+        raise unknown_format(
+            path, "a folder with no adapter_config.json or adapter_model.safetensors"
+        )
+    from ._st import open_st
+
+    st = open_st(path)
+    first = sorted(st.tensors)[:1]
+    seen = f"a safetensors file with {len(st.tensors)} tensors named like no LoRA format"
+    if first:
+        seen += f" (first: '{first[0]}')"
+    raise unknown_format(os.fspath(path), seen)
+
+
 def _sniff(path: str) -> str | None:
     """What a file that is not safetensors seems to be; None when it looks like safetensors."""
     try:

@@ -140,7 +140,7 @@ def most_common(values: Iterable[V]) -> V:
     counts: dict[V, int] = {}
     for v in values:
         counts[v] = counts.get(v, 0) + 1
-    return min(counts, key=lambda v: (-counts[v], v))  # type: ignore[type-var]
+    return min(counts, key=lambda v: (-counts[v], v))
 
 
 def suffix_patterns(values: Mapping[str, V], default: V) -> dict[str, V]:
