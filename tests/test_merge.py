@@ -654,16 +654,16 @@ def test_cli_merge_json_report(tiny_llama_dir: Path, tmp_path: Path) -> None:
 
 
 def test_sidecar_index_encoding_round_trips() -> None:
-    from loratool.merging import _decode_corrections, _encode_corrections
+    from loratool.merging import decode_corrections, encode_corrections
 
     value = torch.arange(4, dtype=torch.bfloat16)
     for index, kind in ((torch.tensor([0, 5, 65535, 70000]), "gaps"),
                         (torch.tensor([3, 70000, 70001, 3_000_000]), "index")):  # fmt: skip
-        enc = _encode_corrections("w", index, value)
+        enc = encode_corrections("w", index, value)
         assert set(enc) == {f"w.{kind}", "w.value"}
-        idx, val = _decode_corrections("w", enc, enc.__getitem__)  # type: ignore[misc]
+        idx, val = decode_corrections("w", enc, enc.__getitem__)  # type: ignore[misc]
         assert torch.equal(idx, index) and val is value
-    assert _decode_corrections("x", enc, enc.__getitem__) is None
+    assert decode_corrections("x", enc, enc.__getitem__) is None
 
 
 # -- the streaming writer -------------------------------------------------------------------

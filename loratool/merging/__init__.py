@@ -25,9 +25,14 @@ from .output import STALE_WEIGHTS
 from .plan import DTYPES, FLOATS, WIDENINGS
 from .provenance import RECORDS_KEY, read_records
 from .report import LOSS_THRESHOLD, MergeReport, Progress, ProgressEvent, TargetReport
-from .sidecar import SIDECAR_FORMAT, SIDECAR_NAME, SIDECAR_VERSION, Sidecar
-from .sidecar import _decode_corrections as _decode_corrections  # the tests check the encoding
-from .sidecar import _encode_corrections as _encode_corrections
+from .sidecar import (
+    SIDECAR_FORMAT,
+    SIDECAR_NAME,
+    SIDECAR_VERSION,
+    Sidecar,
+    decode_corrections,
+    encode_corrections,
+)
 from .unmerger import unmerge
 
 __all__ = [
@@ -48,6 +53,8 @@ __all__ = [
     "TargetReport",
     "adapter_digest",
     "apply_delta",
+    "decode_corrections",  # the sidecar's encoding of one weight's corrections, and back
+    "encode_corrections",
     "merge",
     "read_records",
     "unmerge",

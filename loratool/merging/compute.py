@@ -9,18 +9,18 @@ from typing import TYPE_CHECKING
 
 from ..errors import FormatError
 from ..stream import byte_view
-from .delta import _as2d, _check_finite, _factors, _int_view, _target_report, apply_delta
+from .delta import apply_delta, as2d, check_finite, delta_factors, int_view, target_report
 from .inputs import MemoryCheckpoint
-from .plan import _Job
+from .plan import Job
 from .report import Progress, TargetReport
-from .sidecar import _Spool
+from .sidecar import Spool
 
 if TYPE_CHECKING:
     import torch
 
 
 @dataclass
-class _Context:
+class Context:
     """Everything the streaming loop needs besides the jobs."""
 
     device: str
@@ -36,25 +36,23 @@ class _Context:
 
 
 @dataclass
-class _Outcome:
+class Outcome:
     reports: dict[str, TargetReport] = field(default_factory=dict)
     hashes: dict[str, str] = field(default_factory=dict)
     sidecar_parts: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    spool: _Spool | None = None
+    spool: Spool | None = None
 
 
-def _compute(
-    job: _Job, W: torch.Tensor, out: torch.Tensor, ctx: _Context, outcome: _Outcome
+def compute_job(
+    job: Job, W: torch.Tensor, out: torch.Tensor, ctx: Context, outcome: Outcome
 ) -> None:
     """Apply one job's delta (W and out already on the compute device) and record its report."""
     import torch
 
-    left, right = _factors(job, ctx.device, torch.float64 if ctx.precise else torch.float32)
-    res = apply_delta(
-        _as2d(W), left, right, _as2d(out), roundtrip=ctx.roundtrip, collect=ctx.collect
-    )
-    _check_finite(job, W, out, res, ctx.where)
-    rep = _target_report(job, res, ctx.names)
+    left, right = delta_factors(job, ctx.device, torch.float64 if ctx.precise else torch.float32)
+    res = apply_delta(as2d(W), left, right, as2d(out), roundtrip=ctx.roundtrip, collect=ctx.collect)
+    check_finite(job, W, out, res, ctx.where)
+    rep = target_report(job, res, ctx.names)
     fix = ctx.corrections(job.key)
     if fix is not None:
         idx, val = fix
@@ -71,7 +69,7 @@ def _compute(
                 code="bad-sidecar",
                 where=ctx.where,
             )
-        ints = _int_view(out.dtype)
+        ints = int_view(out.dtype)
         flat = out.view(-1).view(ints)
         flat[idx.to(out.device, dtype=torch.int64)] = val.to(out.device).view(ints)
         rep.corrections = int(idx.numel())
@@ -83,7 +81,7 @@ def _compute(
             outcome.sidecar_parts.append((job.key, res.index, res.value))
 
 
-def _sha256(t: torch.Tensor) -> str:
+def sha256_of(t: torch.Tensor) -> str:
 
     t = t.detach().cpu().contiguous().reshape(-1)
     h = hashlib.sha256()
@@ -92,8 +90,8 @@ def _sha256(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _memory_loop(
-    ckpt: MemoryCheckpoint, jobs: dict[str, _Job], ctx: _Context, outcome: _Outcome
+def memory_loop(
+    ckpt: MemoryCheckpoint, jobs: dict[str, Job], ctx: Context, outcome: Outcome
 ) -> dict[str, torch.Tensor]:
     from ..checkpoint import torch_dtype_of
 
@@ -106,12 +104,12 @@ def _memory_loop(
             )
             continue
         if ctx.hash_in:
-            outcome.hashes[name] = _sha256(W)
+            outcome.hashes[name] = sha256_of(W)
         Wd = W.detach().to(ctx.device).contiguous()
         out = _empty(job.shape, job.out_dtype, ctx.device)
-        _compute(job, Wd, out, ctx, outcome)
+        compute_job(job, Wd, out, ctx, outcome)
         if ctx.hash_out:
-            outcome.hashes[name] = _sha256(out)
+            outcome.hashes[name] = sha256_of(out)
         result[name] = out.to(W.device)
     return result
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .. import constants as C
 from ..errors import CompatibilityError, FormatError
-from .plan import _Job
+from .plan import Job
 from .report import TargetReport
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 _BLOCK = 1 << 17  # elements per block of rows on the CPU: the fp32 temporaries stay in L2
 
 
-def _int_view(dtype: torch.dtype) -> torch.dtype:
+def int_view(dtype: torch.dtype) -> torch.dtype:
     import torch
 
     return {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
@@ -44,7 +44,7 @@ def _ordered(bits: torch.Tensor) -> torch.Tensor:
     return torch.where(x < 0, -mag, mag)
 
 
-def _factors(job: _Job, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def delta_factors(job: Job, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """L ``[rows, Σr]`` and R ``[Σr, cols]`` with ``L @ R`` the update of the stored weight.
 
     Linear: rows = out, so L = w·s·B, R = A. Conv1D and embedding store ``[in, out]``: L = w·s·Aᵀ,
@@ -72,7 +72,7 @@ def _factors(job: _Job, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, 
 
 
 @dataclass
-class _Result:
+class DeltaResult:
     sums: list[float]  # ‖ΔW‖² (exact, from the factors), ‖W'−W‖², ‖W'−W−ΔW‖²
     off: int = 0
     max_ulp: int = 0
@@ -88,7 +88,7 @@ def apply_delta(
     *,
     roundtrip: bool = False,
     collect: bool = False,
-) -> _Result:
+) -> DeltaResult:
     """``out ← round(W + left @ right)`` on W's device, with the fidelity sums.
 
     ``left @ right`` is formed in the factors' dtype (fp64 products are rounded once to fp32),
@@ -122,7 +122,7 @@ def apply_delta(
     r2 = buf("r2", cdt) if roundtrip else None
     back = buf("back", W.dtype) if roundtrip else None
     sums: list[list[torch.Tensor]] = [[], []]  # fp32 block dots, summed in fp64 at the end
-    res = _Result([0.0, 0.0, 0.0])
+    res = DeltaResult([0.0, 0.0, 0.0])
     idx_parts: list[torch.Tensor] = []
     val_parts: list[torch.Tensor] = []
     for i in range(0, rows, step):
@@ -174,7 +174,7 @@ def _misses(
     got: torch.Tensor,
     want: torch.Tensor,
     start: int,
-    res: _Result,
+    res: DeltaResult,
     idx_parts: list[torch.Tensor] | None,
     val_parts: list[torch.Tensor],
 ) -> None:
@@ -185,7 +185,7 @@ def _misses(
     """
     import torch
 
-    ints = _int_view(want.dtype)
+    ints = int_view(want.dtype)
     g, w = got.view(ints).reshape(-1), want.view(ints).reshape(-1)
     if g.device.type == "cpu":
         import numpy as np
@@ -221,7 +221,9 @@ def _misses(
         val_parts.append(wt.view(want.dtype).cpu())
 
 
-def _check_finite(job: _Job, W: torch.Tensor, out: torch.Tensor, res: _Result, where: str) -> None:
+def check_finite(
+    job: Job, W: torch.Tensor, out: torch.Tensor, res: DeltaResult, where: str
+) -> None:
     """Non-finite sums mean a NaN/Inf somewhere: find where and refuse (the temp output goes)."""
     import torch
 
@@ -244,7 +246,7 @@ def _check_finite(job: _Job, W: torch.Tensor, out: torch.Tensor, res: _Result, w
     res.sums = [x if math.isfinite(x) else math.inf for x in res.sums]  # huge but finite values
 
 
-def _target_report(job: _Job, res: _Result, names: dict[str, list[str]]) -> TargetReport:
+def target_report(job: Job, res: DeltaResult, names: dict[str, list[str]]) -> TargetReport:
     kinds = sorted({t.kind for t, _ in job.terms})
     return TargetReport(
         key=job.key,
@@ -260,5 +262,5 @@ def _target_report(job: _Job, res: _Result, names: dict[str, list[str]]) -> Targ
     )
 
 
-def _as2d(t: torch.Tensor) -> torch.Tensor:
+def as2d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1) if t.dim() >= 2 else t.reshape(1, -1)

@@ -43,13 +43,13 @@ class MemoryCheckpoint(Checkpoint):
 
 
 @dataclass
-class _Input:
+class Input:
     adapter: Adapter
     name: str
     format: str
     weight: float
     file_sha256: str | None
-    digest: str = ""  # filled by _digest, once the adapter is known to fit
+    digest: str = ""  # filled by digest_inputs, once the adapter is known to fit
     keys: dict[str, str] = field(default_factory=dict)  # target name -> base weight key
 
     def entry(self) -> dict[str, Any]:
@@ -96,9 +96,9 @@ def adapter_digest(adapter: Adapter) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def _open_inputs(
+def open_inputs(
     adapters: Sequence[str | os.PathLike[str] | Adapter], weights: Sequence[float] | None
-) -> list[_Input]:
+) -> list[Input]:
     from ..format import data_sha256
     from ..sources import open_adapter
 
@@ -117,7 +117,7 @@ def _open_inputs(
             raise UsageError(f"weight {w} is not finite", code="weights")
         if isinstance(a, Adapter):
             name = Path(a.path).name if a.path else f"adapter[{i}]"
-            inputs.append(_Input(a, name, "memory", w, a.sha256))
+            inputs.append(Input(a, name, "memory", w, a.sha256))
             continue
         opened = open_adapter(a)
         file_sha = None
@@ -133,17 +133,17 @@ def _open_inputs(
         if opened.adapter.path is None:
             opened.adapter.path = opened.path
         name = Path(opened.path).name or str(a)
-        inputs.append(_Input(opened.adapter, name, opened.format, w, file_sha))
+        inputs.append(Input(opened.adapter, name, opened.format, w, file_sha))
     return inputs
 
 
-def _digest(inputs: list[_Input]) -> None:
+def digest_inputs(inputs: list[Input]) -> None:
     """Read every factor once: content digests for provenance, and NaN/Inf refused."""
     for inp in inputs:
         inp.digest = adapter_digest(inp.adapter)
 
 
-def _resolve_device(device: str) -> str:
+def resolve_device(device: str) -> str:
     import torch
 
     if device == "auto":

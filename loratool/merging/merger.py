@@ -13,14 +13,14 @@ from ..adapter import Adapter
 from ..checkpoint import Checkpoint
 from ..errors import UsageError
 from ..stream import rewrite_metadata
-from .compute import _Context, _memory_loop, _Outcome
-from .inputs import MemoryCheckpoint, _digest, _open_inputs, _resolve_device
-from .output import _check_paths, _copy_other_files, _namer, _output, _write_layout
-from .pipeline import _one_thread, _stream_files
-from .plan import _check_reversible_dtypes, _dtype_rule, _module_names, _plan
-from .provenance import _record_id, _roundtrip_stats, _shard_metadata, _version, read_records
-from .report import MergeReport, Progress, _add_warnings
-from .sidecar import Sidecar, _encode_corrections, _sidecar_name, _Spool, _write_sidecar_file
+from .compute import Context, Outcome, memory_loop
+from .inputs import MemoryCheckpoint, digest_inputs, open_inputs, resolve_device
+from .output import check_paths, copy_other_files, output_dest, shard_namer, write_layout
+from .pipeline import one_thread, stream_files
+from .plan import check_reversible_dtypes, dtype_rule, module_names, plan_jobs
+from .provenance import read_records, record_id, roundtrip_stats, shard_metadata_with, tool_version
+from .report import MergeReport, Progress, add_warnings
+from .sidecar import Sidecar, Spool, encode_corrections, sidecar_file_name, write_sidecar_file
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +47,7 @@ def merge(
     accepts a differing base fingerprint and replaces an existing ``out``.
     """
 
-    with _one_thread():
+    with one_thread():
         return _merge(
             base,
             adapters,
@@ -92,26 +92,26 @@ def _merge(
     if out is None:
         raise UsageError("no output path", hint="pass -o OUT")
     base_path, out_path = Path(base), Path(out)
-    _check_paths(base_path, out_path, force=force)
-    rule = _dtype_rule(dtype)
-    dev = _resolve_device(device)
+    check_paths(base_path, out_path, force=force)
+    rule = dtype_rule(dtype)
+    dev = resolve_device(device)
     ckpt = Checkpoint(base_path)
-    inputs = _open_inputs(adapters, weights)
-    jobs = _plan(ckpt, inputs, sign=1.0, out_dtype=rule, force=force)
+    inputs = open_inputs(adapters, weights)
+    jobs = plan_jobs(ckpt, inputs, sign=1.0, out_dtype=rule, force=force)
     if reversible:
-        _check_reversible_dtypes(jobs)
-    _digest(inputs)
+        check_reversible_dtypes(jobs)
+    digest_inputs(inputs)
     changes = {k: j.in_dtype for k, j in jobs.items() if j.out_dtype != j.in_dtype}
     previous = read_records(ckpt)
     add_format = not any("format" in m for m in ckpt.shard_metadata.values())
     sidecar_name = (
-        _sidecar_name(out_path if not ckpt.is_dir else None, len(previous) + 1)
+        sidecar_file_name(out_path if not ckpt.is_dir else None, len(previous) + 1)
         if reversible
         else None
     )
     record: dict[str, Any] = {
         "op": "merge",
-        "tool": f"loratool {_version()}",
+        "tool": f"loratool {tool_version()}",
         "adapters": [i.entry() for i in inputs],
         "dtype": dtype,
         "dtype_changes": changes,
@@ -119,10 +119,10 @@ def _merge(
         "reversible": sidecar_name,
         "format_added": add_format,
     }
-    record["id"] = _record_id(record)
+    record["id"] = record_id(record)
     records = [*previous, record]
-    names = _module_names(inputs)
-    ctx = _Context(
+    names = module_names(inputs)
+    ctx = Context(
         dev,
         record["product"] == "fp64",
         names,
@@ -136,10 +136,10 @@ def _merge(
     )
 
     def metadata(shard: Path) -> dict[str, str]:
-        return _shard_metadata(ckpt.shard_metadata[shard], records, add_format=add_format)
+        return shard_metadata_with(ckpt.shard_metadata[shard], records, add_format=add_format)
 
-    outcome = _Outcome()
-    namer = _namer(ckpt, out_path)
+    outcome = Outcome()
+    namer = shard_namer(ckpt, out_path)
     report = MergeReport(
         "merge",
         str(base_path),
@@ -153,7 +153,7 @@ def _merge(
     )
     with (
         torch.inference_mode(),
-        _output(out_path, directory=ckpt.is_dir, force=force) as dest,
+        output_dest(out_path, directory=ckpt.is_dir, force=force) as dest,
     ):
         spool_dir = dest if ckpt.is_dir else out_path.parent
         if reversible:
@@ -162,30 +162,30 @@ def _merge(
             )
             os.close(fd)
             os.unlink(spool_path)
-            outcome.spool = _Spool(Path(spool_path))
+            outcome.spool = Spool(Path(spool_path))
         try:
-            sizes = _stream_files(ckpt, jobs, dest, ctx, outcome, metadata, namer, reserve=512)
-            record["roundtrip"] = _roundtrip_stats(outcome.reports)
+            sizes = stream_files(ckpt, jobs, dest, ctx, outcome, metadata, namer, reserve=512)
+            record["roundtrip"] = roundtrip_stats(outcome.reports)
             for shard in ckpt.shards:  # the final record, with the round-trip counts
                 rewrite_metadata(dest / namer(shard), metadata(shard))
             if outcome.spool is not None and sidecar_name is not None:
                 sidecar = Sidecar({}, outcome.hashes, record["id"])
                 target = dest / sidecar_name if ckpt.is_dir else out_path.parent / sidecar_name
-                report.sidecar_bytes = _write_sidecar_file(
+                report.sidecar_bytes = write_sidecar_file(
                     outcome.spool, target, sidecar.metadata(), force=force
                 )
         finally:
             if outcome.spool is not None:
                 outcome.spool.close()
         if ckpt.is_dir:
-            _write_layout(ckpt, dest, jobs)
-            report.copied_files, report.skipped_files = _copy_other_files(ckpt, dest, set())
+            write_layout(ckpt, dest, jobs)
+            report.copied_files, report.skipped_files = copy_other_files(ckpt, dest, set())
     report.targets = [outcome.reports[k] for k in sorted(outcome.reports)]
     report.shards = list(sizes)
     report.base_bytes = sum(os.path.getsize(s) for s in ckpt.shards)
     report.out_bytes = sum(sizes.values())
     report.seconds = time.perf_counter() - started
-    _add_warnings(report)
+    add_warnings(report)
     return report
 
 
@@ -202,28 +202,28 @@ def _merge_memory(
 ) -> MergeReport:
     import torch
 
-    rule = _dtype_rule(dtype)
-    dev = _resolve_device(device)
+    rule = dtype_rule(dtype)
+    dev = resolve_device(device)
     ckpt = MemoryCheckpoint(state)
-    inputs = _open_inputs(adapters, weights)
-    jobs = _plan(ckpt, inputs, sign=1.0, out_dtype=rule, force=force)
+    inputs = open_inputs(adapters, weights)
+    jobs = plan_jobs(ckpt, inputs, sign=1.0, out_dtype=rule, force=force)
     if reversible:
-        _check_reversible_dtypes(jobs)
-    _digest(inputs)
+        check_reversible_dtypes(jobs)
+    digest_inputs(inputs)
     record: dict[str, Any] = {
         "op": "merge",
-        "tool": f"loratool {_version()}",
+        "tool": f"loratool {tool_version()}",
         "adapters": [i.entry() for i in inputs],
         "dtype": dtype,
         "dtype_changes": {k: j.in_dtype for k, j in jobs.items() if j.out_dtype != j.in_dtype},
         "product": _product(dev, reversible),
         "reversible": "memory" if reversible else None,
     }
-    record["id"] = _record_id(record)
-    ctx = _Context(
+    record["id"] = record_id(record)
+    ctx = Context(
         dev,
         record["product"] == "fp64",
-        _module_names(inputs),
+        module_names(inputs),
         roundtrip=True,
         collect=reversible,
         hash_in=reversible,
@@ -232,10 +232,10 @@ def _merge_memory(
         progress=None,
         where="<state dict>",
     )
-    outcome = _Outcome()
+    outcome = Outcome()
     with torch.inference_mode():
-        result = _memory_loop(ckpt, jobs, ctx, outcome)
-    record["roundtrip"] = _roundtrip_stats(outcome.reports)
+        result = memory_loop(ckpt, jobs, ctx, outcome)
+    record["roundtrip"] = roundtrip_stats(outcome.reports)
     report = MergeReport(
         "merge",
         "<state dict>",
@@ -250,13 +250,13 @@ def _merge_memory(
     if reversible:
         tensors: dict[str, torch.Tensor] = {}
         for key, idx, val in outcome.sidecar_parts:
-            tensors.update(_encode_corrections(key, idx, val))
+            tensors.update(encode_corrections(key, idx, val))
         report.sidecar = Sidecar(tensors, outcome.hashes, record["id"])
         report.sidecar_name = "memory"
         report.sidecar_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     report.base_bytes = sum(t.numel() * t.element_size() for t in state.values())
     report.seconds = time.perf_counter() - started
-    _add_warnings(report)
+    add_warnings(report)
     return report
 
 

@@ -13,7 +13,7 @@ from .._io import atomic_dir, check_output
 from ..checkpoint import Checkpoint
 from ..errors import UsageError
 from ..stream import write_index
-from .plan import _Job, _nbytes
+from .plan import Job, job_nbytes
 
 # Weight files of other formats beside the safetensors: copying them would ship unmerged weights.
 STALE_WEIGHTS = (
@@ -29,7 +29,7 @@ STALE_WEIGHTS = (
 )
 
 
-def _check_paths(base: Path, out: Path, *, force: bool) -> None:
+def check_paths(base: Path, out: Path, *, force: bool) -> None:
     check_output(out, force=force)
     b, o = base.resolve(), out.resolve()
     if o == b or b in o.parents or o in b.parents:
@@ -41,7 +41,7 @@ def _check_paths(base: Path, out: Path, *, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def _output(out: Path, *, directory: bool, force: bool) -> Iterator[Path]:
+def output_dest(out: Path, *, directory: bool, force: bool) -> Iterator[Path]:
     """A temp sibling directory renamed to ``out``; for a single-file base, a temp dir whose one
     file is renamed to ``out``."""
     if directory:
@@ -60,18 +60,18 @@ def _output(out: Path, *, directory: bool, force: bool) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _namer(ckpt: Checkpoint, out: Path) -> Callable[[Path], str]:
+def shard_namer(ckpt: Checkpoint, out: Path) -> Callable[[Path], str]:
     """Output file name per shard: the shard's own name, or ``out``'s for a single-file base."""
     if ckpt.is_dir:
         return lambda shard: shard.name
     return lambda shard: out.name
 
 
-def _write_layout(ckpt: Checkpoint, dest: Path, jobs: Mapping[str, _Job]) -> None:
+def write_layout(ckpt: Checkpoint, dest: Path, jobs: Mapping[str, Job]) -> None:
     """index.json for a sharded base: the same weight map, ``total_size`` of the new data."""
     if ckpt.index is None:
         return
-    total = sum(_nbytes(j, j.out_dtype) for j in jobs.values())
+    total = sum(job_nbytes(j, j.out_dtype) for j in jobs.values())
     meta = ckpt.index.get("metadata")
     weight_map = ckpt.index.get("weight_map")
     assert isinstance(weight_map, dict)
@@ -80,7 +80,7 @@ def _write_layout(ckpt: Checkpoint, dest: Path, jobs: Mapping[str, _Job]) -> Non
     )
 
 
-def _copy_other_files(base: Checkpoint, dest: Path, skip: set[str]) -> tuple[list[str], list[str]]:
+def copy_other_files(base: Checkpoint, dest: Path, skip: set[str]) -> tuple[list[str], list[str]]:
     """Copy config, tokenizer and the like; leave weights of other formats (they'd be stale)."""
     copied: list[str] = []
     skipped: list[str] = []

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import ALL_DTYPES, Checkpoint
 from ..stream import SafetensorsWriter, TensorSpec, aligned_order, byte_view
-from .compute import _compute, _Context, _Outcome, _sha256
-from .plan import _Job, _nbytes
+from .compute import Context, Outcome, compute_job, sha256_of
+from .plan import Job, job_nbytes
 from .report import ProgressEvent
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
     """One intra-op thread for our CPU work: the reader and writer threads use the other cores,
     and OpenMP regions over small blocks collapse when a shared machine is oversubscribed
     (measured here: 10× slower with 2 threads at load 8 on 2 cores)."""
@@ -84,12 +84,12 @@ def _view(buf: torch.Tensor, dtype: str, shape: tuple[int, ...]) -> torch.Tensor
     return buf[:n].view(torch_dtype_of(dtype)).view(shape)
 
 
-def _stream_files(
+def stream_files(
     base: Checkpoint,
-    jobs: dict[str, _Job],
+    jobs: dict[str, Job],
     tmp: Path,
-    ctx: _Context,
-    outcome: _Outcome,
+    ctx: Context,
+    outcome: Outcome,
     metadata_for: Callable[[Path], dict[str, str]],
     out_name: Callable[[Path], str],
     *,
@@ -109,15 +109,15 @@ def _stream_files(
     workers = _workers()
     order = [name for shard in base.shards for name in base.shard_tensors[shard]]
     targeted = [name for name in order if jobs[name].targeted]
-    biggest_in = max((_nbytes(jobs[n], jobs[n].in_dtype) for n in targeted), default=1)
-    biggest_out = max((_nbytes(jobs[n], jobs[n].out_dtype) for n in targeted), default=1)
+    biggest_in = max((job_nbytes(jobs[n], jobs[n].in_dtype) for n in targeted), default=1)
+    biggest_out = max((job_nbytes(jobs[n], jobs[n].out_dtype) for n in targeted), default=1)
     in_pool = _Pool(workers + 1, biggest_in, pin=cuda)
     out_pool = _Pool(workers, biggest_out, pin=cuda)
     upload = torch.cuda.Stream() if cuda else None
 
     def read(name: str) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
         buf = in_pool.get()
-        size = _nbytes(jobs[name], jobs[name].in_dtype)
+        size = job_nbytes(jobs[name], jobs[name].in_dtype)
         base.read_into(name, byte_view(buf[:size]))
         digest = hashlib.sha256(byte_view(buf[:size])).hexdigest() if ctx.hash_in else None
         W = _view(buf, jobs[name].in_dtype, jobs[name].shape)
@@ -131,7 +131,7 @@ def _stream_files(
 
     def process(
         w: SafetensorsWriter,
-        job: _Job,
+        job: Job,
         W: torch.Tensor,
         buf: torch.Tensor | None,
         obuf: torch.Tensor,
@@ -142,17 +142,17 @@ def _stream_files(
                 stream = _thread_stream()
                 with torch.cuda.stream(stream):
                     od = torch.empty(job.shape, dtype=out.dtype, device=ctx.device)
-                    _compute(job, W, od, ctx, outcome)
+                    compute_job(job, W, od, ctx, outcome)
                     out.copy_(od, non_blocking=True)
                 stream.synchronize()  # this worker waits for its download; the other computes
             else:
-                _compute(job, W, out, ctx, outcome)
+                compute_job(job, W, out, ctx, outcome)
             if buf is not None:
                 in_pool.put(buf)
                 buf = None
             w.write(job.key, out)
             if ctx.hash_out:
-                outcome.hashes[job.key] = _sha256(out)
+                outcome.hashes[job.key] = sha256_of(out)
         finally:
             if buf is not None:
                 in_pool.put(buf)
@@ -200,7 +200,7 @@ def _stream_files(
                     )
                 else:
                     tasks.append(pool.submit(_cast, w, base, name, job))
-                done += _nbytes(job, job.out_dtype)
+                done += job_nbytes(job, job.out_dtype)
                 if ctx.progress is not None:
                     ctx.progress(ProgressEvent(fname, si, len(base.shards), done, total, name))
                 while len(open_shards) > 1 and all(t.done() for t in open_shards[0][1]):
@@ -247,7 +247,7 @@ def _thread_stream() -> Any:
     return stream
 
 
-def _cast(w: SafetensorsWriter, base: Checkpoint, name: str, job: _Job) -> None:
+def _cast(w: SafetensorsWriter, base: Checkpoint, name: str, job: Job) -> None:
     """Copy an untouched tensor into another float dtype, a few MB at a time."""
     import torch
 

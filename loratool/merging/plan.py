@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from ..adapter import Target
 from ..checkpoint import ALL_DTYPES, Checkpoint
 from ..errors import CompatibilityError, UsageError
-from .inputs import _Input
+from .inputs import Input
 
 DTYPES = {"keep": None, "f32": "F32", "bf16": "BF16", "f16": "F16"}
 
@@ -20,7 +20,7 @@ WIDENINGS = {("F16", "F32"), ("F16", "F64"), ("BF16", "F32"), ("BF16", "F64"), (
 
 
 @dataclass
-class _Job:
+class Job:
     key: str
     in_dtype: str
     out_dtype: str
@@ -32,17 +32,17 @@ class _Job:
         return bool(self.terms)
 
 
-def _plan(
+def plan_jobs(
     base: Checkpoint,
-    inputs: list[_Input],
+    inputs: list[Input],
     *,
     sign: float,
     out_dtype: Callable[[str, str], str],
     force: bool,
-) -> dict[str, _Job]:
+) -> dict[str, Job]:
     """Check every adapter against the base (before anything is written) and plan each tensor."""
     jobs = {
-        name: _Job(name, e.info.dtype, out_dtype(name, e.info.dtype), e.info.shape)
+        name: Job(name, e.info.dtype, out_dtype(name, e.info.dtype), e.info.shape)
         for name, e in base.entries.items()
     }
     for inp in inputs:
@@ -68,7 +68,7 @@ def _plan(
     return jobs
 
 
-def _dtype_rule(dtype: str) -> Callable[[str, str], str]:
+def dtype_rule(dtype: str) -> Callable[[str, str], str]:
     if dtype not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}", code="dtype", hint="keep, f32, bf16 or f16")
     target = DTYPES[dtype]
@@ -79,7 +79,7 @@ def _dtype_rule(dtype: str) -> Callable[[str, str], str]:
     return rule
 
 
-def _check_reversible_dtypes(jobs: Mapping[str, _Job]) -> None:
+def check_reversible_dtypes(jobs: Mapping[str, Job]) -> None:
     for job in jobs.values():
         if job.out_dtype != job.in_dtype and (job.in_dtype, job.out_dtype) not in WIDENINGS:
             raise UsageError(
@@ -91,7 +91,7 @@ def _check_reversible_dtypes(jobs: Mapping[str, _Job]) -> None:
             )
 
 
-def _module_names(inputs: list[_Input]) -> dict[str, list[str]]:
+def module_names(inputs: list[Input]) -> dict[str, list[str]]:
     names: dict[str, list[str]] = {}
     for inp in inputs:
         for tname, key in inp.keys.items():
@@ -101,5 +101,5 @@ def _module_names(inputs: list[_Input]) -> dict[str, list[str]]:
     return names
 
 
-def _nbytes(job: _Job, dtype: str) -> int:
+def job_nbytes(job: Job, dtype: str) -> int:
     return math.prod(job.shape) * ALL_DTYPES[dtype]

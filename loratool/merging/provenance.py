@@ -15,7 +15,7 @@ from typing import Any
 from ..checkpoint import Checkpoint
 from ..errors import CompatibilityError, FormatError
 from ..format import canonical_json
-from .inputs import _Input
+from .inputs import Input
 from .plan import FLOATS
 from .report import TargetReport
 
@@ -46,12 +46,12 @@ def read_records(ckpt: Checkpoint) -> list[dict[str, Any]]:
     return records
 
 
-def _record_id(record: Mapping[str, Any]) -> str:
+def record_id(record: Mapping[str, Any]) -> str:
     body = {k: v for k, v in record.items() if k not in ("id", "roundtrip")}
     return "sha256:" + hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
-def _shard_metadata(
+def shard_metadata_with(
     meta: Mapping[str, str], records: list[dict[str, Any]], *, add_format: bool
 ) -> dict[str, str]:
     out = dict(meta)
@@ -64,7 +64,7 @@ def _shard_metadata(
     return out
 
 
-def _roundtrip_stats(reports: Mapping[str, TargetReport]) -> dict[str, int]:
+def roundtrip_stats(reports: Mapping[str, TargetReport]) -> dict[str, int]:
     return {
         "elements": sum(r.roundtrip_off for r in reports.values()),
         "tensors": sum(1 for r in reports.values() if r.roundtrip_off),
@@ -72,15 +72,15 @@ def _roundtrip_stats(reports: Mapping[str, TargetReport]) -> dict[str, int]:
     }
 
 
-def _version() -> str:
+def tool_version() -> str:
     from .. import __version__
 
     return __version__
 
 
-def _match_record(
+def match_record(
     records: list[dict[str, Any]],
-    inputs: list[_Input],
+    inputs: list[Input],
     explicit_weights: bool,
     *,
     where: str,
@@ -130,7 +130,7 @@ def _match_record(
     )
 
 
-def _restore_dtypes(top: Mapping[str, Any], where: str) -> dict[str, str]:
+def restore_dtypes(top: Mapping[str, Any], where: str) -> dict[str, str]:
     changes = top.get("dtype_changes", {})
     if not isinstance(changes, dict) or not all(
         isinstance(k, str) and v in FLOATS for k, v in changes.items()
@@ -141,9 +141,9 @@ def _restore_dtypes(top: Mapping[str, Any], where: str) -> dict[str, str]:
     return dict(changes)
 
 
-def _unmerge_record(inputs: list[_Input]) -> dict[str, Any]:
+def unmerge_record(inputs: list[Input]) -> dict[str, Any]:
     return {
         "op": "unmerge",
-        "tool": f"loratool {_version()}",
+        "tool": f"loratool {tool_version()}",
         "adapters": [i.entry() for i in inputs],
     }

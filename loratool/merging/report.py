@@ -178,7 +178,7 @@ class MergeReport:
         }
 
 
-def _add_warnings(report: MergeReport) -> None:
+def add_warnings(report: MergeReport) -> None:
     lossy = report.lossy
     if lossy:
         worst = max(lossy, key=lambda t: t.error or 0.0)

@@ -61,7 +61,7 @@ class Sidecar:
         }
 
 
-def _encode_corrections(
+def encode_corrections(
     key: str, index: torch.Tensor, value: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """Sidecar tensors for one weight: ``<key>.value`` (the original bits, in its dtype) and the
@@ -76,7 +76,7 @@ def _encode_corrections(
     return {key + ".index": index.to(wide), key + ".value": value}
 
 
-def _decode_corrections(
+def decode_corrections(
     key: str, names: set[str] | Mapping[str, Any], fetch: Callable[[str], torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     import torch
@@ -90,7 +90,7 @@ def _decode_corrections(
     return index, fetch(key + ".value")
 
 
-class _Spool:
+class Spool:
     """Sidecar payload streamed to a scratch file as it is found, so memory stays flat."""
 
     def __init__(self, path: Path) -> None:
@@ -101,7 +101,7 @@ class _Spool:
         self.lock = threading.Lock()
 
     def add(self, key: str, index: torch.Tensor, value: torch.Tensor) -> None:
-        for spec_name, t in _encode_corrections(key, index, value).items():
+        for spec_name, t in encode_corrections(key, index, value).items():
             spec = TensorSpec(spec_name, safetensors_dtype_of(t.dtype), (int(t.numel()),))
             data = byte_view(t.contiguous())
             with self.lock:
@@ -127,7 +127,7 @@ class _Spool:
             os.unlink(self.path)
 
 
-def _sidecar_name(out_file: Path | None, depth: int) -> str:
+def sidecar_file_name(out_file: Path | None, depth: int) -> str:
     stem = (
         SIDECAR_NAME
         if depth == 1
@@ -136,8 +136,8 @@ def _sidecar_name(out_file: Path | None, depth: int) -> str:
     return stem if out_file is None else f"{out_file.stem}.{stem}"
 
 
-def _write_sidecar_file(
-    spool: _Spool, target: Path, metadata: Mapping[str, str], *, force: bool
+def write_sidecar_file(
+    spool: Spool, target: Path, metadata: Mapping[str, str], *, force: bool
 ) -> int:
     if target.exists():
         if not force:
@@ -153,7 +153,7 @@ def _write_sidecar_file(
     return size
 
 
-class _SidecarSource:
+class SidecarSource:
     """Corrections for unmerge: from a sidecar file (read per tensor) or a ``Sidecar``."""
 
     def __init__(
@@ -164,10 +164,10 @@ class _SidecarSource:
         self._names = names
 
     def corrections(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return _decode_corrections(key, self._names, self._fetch)
+        return decode_corrections(key, self._names, self._fetch)
 
 
-def _open_sidecar(
+def open_sidecar(
     ckpt: Checkpoint,
     top: dict[str, Any] | None,
     given: Sidecar | None,
@@ -175,7 +175,7 @@ def _open_sidecar(
     matched: bool,
     memory: bool,
     force: bool,
-) -> _SidecarSource | None:
+) -> SidecarSource | None:
     if not matched or top is None or not top.get("reversible"):
         return None
     if memory:
@@ -192,7 +192,7 @@ def _open_sidecar(
             raise CompatibilityError(
                 "the sidecar belongs to another merge", code="sidecar-mismatch"
             )
-        return _SidecarSource(sc.sha256, sc.tensors.__getitem__, set(sc.tensors))
+        return SidecarSource(sc.sha256, sc.tensors.__getitem__, set(sc.tensors))
     folder = ckpt.path if ckpt.is_dir else ckpt.path.parent
     path = folder / str(top["reversible"])
     if not path.exists():
@@ -219,4 +219,4 @@ def _open_sidecar(
         raise FormatError(
             "unreadable sidecar hashes", code="bad-sidecar", where=str(path)
         ) from None
-    return _SidecarSource(sha, side.read, set(side.entries))
+    return SidecarSource(sha, side.read, set(side.entries))

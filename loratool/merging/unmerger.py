@@ -11,20 +11,20 @@ from typing import TYPE_CHECKING, Any
 from ..adapter import Adapter
 from ..checkpoint import Checkpoint
 from ..errors import UsageError
-from .compute import _Context, _memory_loop, _Outcome
-from .inputs import MemoryCheckpoint, _digest, _open_inputs, _resolve_device
-from .output import _check_paths, _copy_other_files, _namer, _output, _write_layout
-from .pipeline import _one_thread, _stream_files
-from .plan import _module_names, _plan
+from .compute import Context, Outcome, memory_loop
+from .inputs import MemoryCheckpoint, digest_inputs, open_inputs, resolve_device
+from .output import check_paths, copy_other_files, output_dest, shard_namer, write_layout
+from .pipeline import one_thread, stream_files
+from .plan import module_names, plan_jobs
 from .provenance import (
-    _match_record,
-    _restore_dtypes,
-    _shard_metadata,
-    _unmerge_record,
+    match_record,
     read_records,
+    restore_dtypes,
+    shard_metadata_with,
+    unmerge_record,
 )
 from .report import MergeReport, Progress
-from .sidecar import Sidecar, _open_sidecar
+from .sidecar import Sidecar, open_sidecar
 
 if TYPE_CHECKING:
     import torch
@@ -51,7 +51,7 @@ def unmerge(
     unmerge record added. For a state dict pass the merge's ``record`` and ``sidecar``
     (``MergeReport.record``, ``MergeReport.sidecar``) to get the same checks and exactness.
     """
-    with _one_thread():
+    with one_thread():
         return _unmerge(
             merged,
             adapters,
@@ -85,34 +85,34 @@ def _unmerge(
         raise UsageError("a state-dict unmerge returns its result; out must be None")
     if not memory and out is None:
         raise UsageError("no output path", hint="pass -o OUT")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     if isinstance(merged, Mapping):
         ckpt: Checkpoint = MemoryCheckpoint(merged)
         where = "<state dict>"
         records = [dict(record)] if record is not None else []
     else:
         out_path = Path(out)  # type: ignore[arg-type]
-        _check_paths(Path(merged), out_path, force=force)
+        check_paths(Path(merged), out_path, force=force)
         ckpt = Checkpoint(merged)
         where = str(merged)
         records = read_records(ckpt)
-    inputs = _open_inputs(adapters, weights)
-    _plan(ckpt, inputs, sign=-1.0, out_dtype=lambda name, cur: cur, force=force)  # fits?
-    _digest(inputs)
-    top, matched = _match_record(records, inputs, weights is not None, where=where, force=force)
-    restore = _restore_dtypes(top, where) if matched and top else {}
-    jobs = _plan(
+    inputs = open_inputs(adapters, weights)
+    plan_jobs(ckpt, inputs, sign=-1.0, out_dtype=lambda name, cur: cur, force=force)  # fits?
+    digest_inputs(inputs)
+    top, matched = match_record(records, inputs, weights is not None, where=where, force=force)
+    restore = restore_dtypes(top, where) if matched and top else {}
+    jobs = plan_jobs(
         ckpt, inputs, sign=-1.0, out_dtype=lambda name, cur: restore.get(name, cur), force=force
     )
 
-    side = _open_sidecar(ckpt, top, sidecar, matched=matched, memory=memory, force=force)
-    remaining = records[:-1] if matched else [*records, _unmerge_record(inputs)]
+    side = open_sidecar(ckpt, top, sidecar, matched=matched, memory=memory, force=force)
+    remaining = records[:-1] if matched else [*records, unmerge_record(inputs)]
     recorded = top.get("product") if matched and top else None
     precise = dev == "cuda" or recorded == "fp64" or (recorded is None and side is not None)
-    ctx = _Context(
+    ctx = Context(
         dev,
         precise,
-        _module_names(inputs),
+        module_names(inputs),
         roundtrip=False,
         collect=False,
         hash_in=False,
@@ -121,8 +121,8 @@ def _unmerge(
         progress=progress,
         where=where,
     )
-    outcome = _Outcome()
-    undone = dict(top) if matched and top else _unmerge_record(inputs)
+    outcome = Outcome()
+    undone = dict(top) if matched and top else unmerge_record(inputs)
     report = MergeReport(
         "unmerge",
         where,
@@ -135,14 +135,14 @@ def _unmerge(
     )
     if isinstance(ckpt, MemoryCheckpoint):
         with torch.inference_mode():
-            report.state_dict = _memory_loop(ckpt, jobs, ctx, outcome)
+            report.state_dict = memory_loop(ckpt, jobs, ctx, outcome)
         report.base_bytes = sum(t.numel() * t.element_size() for t in ckpt.state.values())
     else:
         out_path = Path(out)  # type: ignore[arg-type]
         drop_format = bool(matched and top and top.get("format_added") and not remaining)
 
         def metadata(shard: Path) -> dict[str, str]:
-            meta = _shard_metadata(
+            meta = shard_metadata_with(
                 ckpt.shard_metadata[shard], remaining, add_format=bool(remaining)
             )
             if drop_format:
@@ -152,12 +152,14 @@ def _unmerge(
         skip = {top["reversible"]} if matched and top and top.get("reversible") else set()
         with (
             torch.inference_mode(),
-            _output(out_path, directory=ckpt.is_dir, force=force) as dest,
+            output_dest(out_path, directory=ckpt.is_dir, force=force) as dest,
         ):
-            sizes = _stream_files(ckpt, jobs, dest, ctx, outcome, metadata, _namer(ckpt, out_path))
+            sizes = stream_files(
+                ckpt, jobs, dest, ctx, outcome, metadata, shard_namer(ckpt, out_path)
+            )
             if ckpt.is_dir:
-                _write_layout(ckpt, dest, jobs)
-                report.copied_files, report.skipped_files = _copy_other_files(ckpt, dest, skip)
+                write_layout(ckpt, dest, jobs)
+                report.copied_files, report.skipped_files = copy_other_files(ckpt, dest, skip)
         report.shards = list(sizes)
         report.base_bytes = sum(os.path.getsize(s) for s in ckpt.shards)
         report.out_bytes = sum(sizes.values())
