@@ -15,6 +15,7 @@ EXIT_INVALID_FILE = 3
 EXIT_INCOMPATIBLE = 4
 EXIT_HUB = 5
 EXIT_TRAINING = 6
+EXIT_DISK_FULL = 7
 EXIT_INTERRUPTED = 130
 
 
@@ -81,3 +82,16 @@ class OutputExistsError(UsageError):
     """The output path already exists and ``--force`` was not given."""
 
     default_code = "output-exists"
+
+
+class OutputBusyError(UsageError):
+    """Another live loratool process is writing the same output right now."""
+
+    default_code = "output-busy"
+
+
+class DiskFullError(LoratoolError):
+    """A write ran out of space or quota (ENOSPC, EDQUOT, EFBIG); nothing partial was left."""
+
+    exit_code = EXIT_DISK_FULL
+    default_code = "disk-full"
