@@ -867,7 +867,9 @@ def test_error_mapping_and_masking() -> None:
     from huggingface_hub import errors as E
 
     from loratool.errors import HubError
-    from loratool.hub import _Ctx, _hub_errors, _Secrets
+    from loratool.hub.errors import CallContext as _Ctx
+    from loratool.hub.errors import Secrets as _Secrets
+    from loratool.hub.errors import hub_errors as _hub_errors
 
     secret = "hf_SuperSecretValue1234567890"
     ctx = _Ctx("http://hub", "a/b", "main", "f.safetensors", "download", _Secrets(secret), True)

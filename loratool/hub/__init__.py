@@ -32,11 +32,6 @@ from .common import (
     resolve_endpoint,
     split_ref,
 )
-
-# Private names that tests reach for (tests/test_hub.py checks the error mapping in process).
-from .errors import _Ctx as _Ctx
-from .errors import _hub_errors as _hub_errors
-from .errors import _Secrets as _Secrets
 from .pull import PullReport, pull
 from .push import PushReport, push
 from .remote import HF_SCHEME, open_remote_header, parse_hf_uri

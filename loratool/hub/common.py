@@ -25,7 +25,7 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 CARD_FILE = "README.md"
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
-_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
 
 def resolve_endpoint(endpoint: str | None = None) -> str:
@@ -105,7 +105,7 @@ def check_repo_path(name: str, *, what: str = "file name") -> str:
     return name
 
 
-def _is_safe_repo_path(name: object) -> bool:
+def is_safe_repo_path(name: object) -> bool:
     if not isinstance(name, str):
         return False
     try:
@@ -115,12 +115,12 @@ def _is_safe_repo_path(name: object) -> bool:
     return True
 
 
-def _sibling(path: str, name: str) -> str:
+def sibling_path(path: str, name: str) -> str:
     folder = path.rsplit("/", 1)[0] if "/" in path else ""
     return f"{folder}/{name}" if folder else name
 
 
-def _api(endpoint: str, token: str | None) -> HfApi:
+def hub_client(endpoint: str, token: str | None) -> HfApi:
     from huggingface_hub import HfApi
 
     from .. import __version__
@@ -130,7 +130,7 @@ def _api(endpoint: str, token: str | None) -> HfApi:
     )
 
 
-def _has_token(api: HfApi) -> bool:
+def has_token(api: HfApi) -> bool:
     if api.token:
         return True
     try:
@@ -142,7 +142,7 @@ def _has_token(api: HfApi) -> bool:
 
 
 @contextlib.contextmanager
-def _client_output(*, progress: bool) -> Iterator[None]:
+def client_output(*, progress: bool) -> Iterator[None]:
     """huggingface_hub's tqdm bars only when asked (a TTY); its no-op commit warning never.
 
     The bars are process-global switches in huggingface_hub; the previous state is restored.

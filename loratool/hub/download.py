@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import HubError
-from .common import _COMMIT_RE, ADAPTER_FILE, PEFT_CONFIG, PEFT_WEIGHTS, _is_safe_repo_path
+from .common import ADAPTER_FILE, COMMIT_RE, PEFT_CONFIG, PEFT_WEIGHTS, is_safe_repo_path
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -18,10 +18,10 @@ if TYPE_CHECKING:
 _ETAG_RE = re.compile(r"^[A-Za-z0-9_.=+-]{1,128}$")
 
 
-def _choose(repo_id: str, rev: str, names: list[Any]) -> list[str]:
+def choose_files(repo_id: str, rev: str, names: list[Any]) -> list[str]:
     """Which files to fetch, from a listing we do not trust (names are checked, then matched)."""
-    safe = [n for n in names if _is_safe_repo_path(n)]
-    unsafe = [n for n in names if not _is_safe_repo_path(n)]
+    safe = [n for n in names if is_safe_repo_path(n)]
+    unsafe = [n for n in names if not is_safe_repo_path(n)]
     top = {n for n in safe if "/" not in n}
     if ADAPTER_FILE in top:
         return [ADAPTER_FILE]
@@ -53,7 +53,7 @@ def _choose(repo_id: str, rev: str, names: list[Any]) -> list[str]:
     )
 
 
-def _choose_offline(
+def choose_cached_files(
     api: HfApi, repo_id: str, rev: str, cache_dir: str | os.PathLike[str] | None
 ) -> list[str]:
     """Offline there is no listing: choose among the files the cached snapshot holds."""
@@ -65,14 +65,14 @@ def _choose_offline(
     )
     commit = rev
     ref = root / "refs" / rev
-    if not _COMMIT_RE.match(rev) and ref.is_file():
+    if not COMMIT_RE.match(rev) and ref.is_file():
         commit = ref.read_text(errors="replace").strip()
     snapshot = root / "snapshots" / commit
     names: list[str] = []
-    if _COMMIT_RE.match(commit) and snapshot.is_dir():
+    if COMMIT_RE.match(commit) and snapshot.is_dir():
         names = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
     try:
-        return _choose(repo_id, rev, names)
+        return choose_files(repo_id, rev, names)
     except HubError as e:
         if e.code != "no-adapter":
             raise
@@ -84,7 +84,7 @@ def _choose_offline(
         ) from None
 
 
-def _download(
+def download_file(
     api: HfApi,
     repo_id: str,
     name: str,
@@ -112,7 +112,7 @@ def _download(
             retry_on_errors=True,  # as hf_hub_download's own second try does
         )
         etag, commit = meta.etag or "", meta.commit_hash or ""
-        if not _ETAG_RE.match(etag) or etag in (".", "..") or not _COMMIT_RE.match(commit):
+        if not _ETAG_RE.match(etag) or etag in (".", "..") or not COMMIT_RE.match(commit):
             raise HubError(
                 f"the server sent unsafe metadata for {repo_id}/{name} "
                 f"(ETag {etag[:80]!r}, commit {commit[:80]!r}); refusing to download",
@@ -142,11 +142,11 @@ def _cache(cache_dir: str | os.PathLike[str] | None) -> str | None:
     return os.fspath(cache_dir) if cache_dir is not None else None
 
 
-def _snapshot_commit(path: str) -> str:
+def snapshot_commit(path: str) -> str:
     """The commit a cache path belongs to: .../snapshots/<commit>/<file>."""
     parts = Path(path).parts
     if "snapshots" in parts:
         i = len(parts) - 1 - parts[::-1].index("snapshots")
-        if i + 1 < len(parts) and _COMMIT_RE.match(parts[i + 1]):
+        if i + 1 < len(parts) and COMMIT_RE.match(parts[i + 1]):
             return parts[i + 1]
     return "unknown"

@@ -19,7 +19,7 @@ _WRITE_ACTIONS = ("push to", "create", "create branch")
 _TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
 
 
-class _Secrets:
+class Secrets:
     """The tokens in play, so that no message we raise can carry one."""
 
     def __init__(self, token: str | None) -> None:
@@ -40,13 +40,13 @@ def _first_line(text: str) -> str:
 
 
 @dataclass
-class _Ctx:
+class CallContext:
     endpoint: str
     repo_id: str | None = None
     revision: str | None = None
     filename: str | None = None
     action: str = "talk to"
-    secrets: _Secrets | None = None
+    secrets: Secrets | None = None
     authenticated: bool = False
 
     @property
@@ -59,7 +59,7 @@ class _Ctx:
 
 
 @contextlib.contextmanager
-def _hub_errors(ctx: _Ctx) -> Iterator[None]:
+def hub_errors(ctx: CallContext) -> Iterator[None]:
     """Turn the Hub client's exceptions into one-line HubErrors; anything else passes."""
     try:
         yield
@@ -75,7 +75,7 @@ def _hub_errors(ctx: _Ctx) -> Iterator[None]:
         raise mapped from None
 
 
-def _map_error(e: BaseException, ctx: _Ctx) -> LoratoolError | None:
+def _map_error(e: BaseException, ctx: CallContext) -> LoratoolError | None:
     import httpx2
     from huggingface_hub import errors as E
 

@@ -18,17 +18,17 @@ from ..errors import FormatError, HubError
 from .common import (
     PEFT_CONFIG,
     PEFT_WEIGHTS,
-    _api,
-    _client_output,
-    _has_token,
-    _sibling,
     check_repo_path,
+    client_output,
+    has_token,
+    hub_client,
     is_offline,
     resolve_endpoint,
+    sibling_path,
     split_ref,
 )
-from .download import _choose, _choose_offline, _download, _snapshot_commit
-from .errors import _Ctx, _hub_errors, _Secrets
+from .download import choose_cached_files, choose_files, download_file, snapshot_commit
+from .errors import CallContext, Secrets, hub_errors
 
 
 @dataclass
@@ -86,17 +86,17 @@ def pull(
         check_output(out, force=force)
     ep = resolve_endpoint(endpoint)
     offline = is_offline()
-    secrets = _Secrets(token)
-    api = _api(ep, token)
-    ctx = _Ctx(ep, repo_id, rev, filename, "download", secrets, _has_token(api))
+    secrets = Secrets(token)
+    api = hub_client(ep, token)
+    ctx = CallContext(ep, repo_id, rev, filename, "download", secrets, has_token(api))
 
-    with _client_output(progress=progress), _hub_errors(ctx):
+    with client_output(progress=progress), hub_errors(ctx):
         if filename is not None:
             wanted = [filename]
             if filename.rsplit("/", 1)[-1] == PEFT_WEIGHTS:
-                wanted = [_sibling(filename, PEFT_CONFIG), filename]
+                wanted = [sibling_path(filename, PEFT_CONFIG), filename]
         elif offline:
-            wanted = _choose_offline(api, repo_id, rev, cache_dir)
+            wanted = choose_cached_files(api, repo_id, rev, cache_dir)
         else:
             # The revision first (one request, not retried by the client: a missing repo or
             # revision, or a dead server, fails fast), then the listing at that exact commit.
@@ -104,7 +104,7 @@ def pull(
             sha = api.repo_info(repo_id, revision=rev).sha
             ctx.action = "list files of"
             names = list(api.list_repo_files(repo_id, revision=sha or rev))
-            wanted = _choose(repo_id, rev, names)
+            wanted = choose_files(repo_id, rev, names)
         ctx.action = "download"
         paths: dict[str, str] = {}
         commit: str | None = None
@@ -113,7 +113,7 @@ def pull(
             # The PEFT config beside a --filename of PEFT weights is optional.
             optional = filename is not None and name != filename
             try:
-                path = _download(
+                path = download_file(
                     api, repo_id, name, rev if commit is None else commit, offline, cache_dir
                 )
             except Exception as e:
@@ -123,7 +123,7 @@ def pull(
                     continue
                 raise
             paths[name] = path
-            snap = _snapshot_commit(path)
+            snap = snapshot_commit(path)
             if commit is not None and snap != commit:  # pragma: no cover - cache layout guard
                 raise HubError(f"{name} came from commit {snap}, not {commit}", code="inconsistent")
             commit = snap

@@ -23,19 +23,19 @@ from ..adapter import BaseBinding
 from ..card import TASK_TYPES, CardFiles, guess_task_type, is_hub_id, render_card
 from ..errors import HubError, LoratoolError, UsageError
 from .common import (
-    _COMMIT_RE,
     ADAPTER_FILE,
     CARD_FILE,
+    COMMIT_RE,
     PEFT_CONFIG,
     PEFT_WEIGHTS,
-    _api,
-    _client_output,
-    _has_token,
+    client_output,
+    has_token,
+    hub_client,
     is_offline,
     resolve_endpoint,
     split_ref,
 )
-from .errors import _Ctx, _hub_errors, _Secrets
+from .errors import CallContext, Secrets, hub_errors
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -92,7 +92,7 @@ def push(
 
     repo_id, revision = split_ref(repo_id, revision)
     branch = revision or "main"
-    if _COMMIT_RE.match(branch) or branch.startswith("refs/"):
+    if COMMIT_RE.match(branch) or branch.startswith("refs/"):
         raise UsageError(
             f"cannot push to '{branch}': push needs a branch name",
             code="bad-revision",
@@ -153,10 +153,10 @@ def push(
             code="offline",
             hint="unset HF_HUB_OFFLINE to reach the Hub",
         )
-    secrets = _Secrets(token)
-    api = _api(ep, token)
-    authenticated = _has_token(api)
-    ctx = _Ctx(ep, repo_id, branch, None, "push to", secrets, authenticated)
+    secrets = Secrets(token)
+    api = hub_client(ep, token)
+    authenticated = has_token(api)
+    ctx = CallContext(ep, repo_id, branch, None, "push to", secrets, authenticated)
 
     with tempfile.TemporaryDirectory(prefix="loratool-push-") as tmp_name:
         tmp = Path(tmp_name)
@@ -203,7 +203,7 @@ def push(
         (tmp / CARD_FILE).write_text(card, encoding="utf-8")
         local[CARD_FILE] = tmp / CARD_FILE
 
-        with _client_output(progress=progress), _hub_errors(ctx):
+        with client_output(progress=progress), hub_errors(ctx):
             return _push_files(
                 api,
                 repo_id,
@@ -233,7 +233,7 @@ def _push_files(
     local: dict[str, Path],
     remove_peft: bool,
     message: str,
-    ctx: _Ctx,
+    ctx: CallContext,
     report: dict[str, Any],
 ) -> PushReport:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete

@@ -14,17 +14,17 @@ from ..errors import FormatError, HubError, UsageError
 from .common import (
     PEFT_CONFIG,
     PEFT_WEIGHTS,
-    _api,
-    _client_output,
-    _has_token,
-    _sibling,
     check_repo_id,
     check_repo_path,
+    client_output,
+    has_token,
+    hub_client,
     is_offline,
     resolve_endpoint,
+    sibling_path,
 )
-from .download import _download
-from .errors import _Ctx, _hub_errors, _Secrets
+from .download import download_file
+from .errors import CallContext, Secrets, hub_errors
 
 if TYPE_CHECKING:
     import torch
@@ -78,12 +78,12 @@ def open_remote_header(
     repo_id, revision, filename = parse_hf_uri(uri)
     rev = revision or "main"
     ep = resolve_endpoint(endpoint)
-    secrets = _Secrets(token)
-    api = _api(ep, token)
-    ctx = _Ctx(ep, repo_id, rev, filename, "read", secrets, _has_token(api))
+    secrets = Secrets(token)
+    api = hub_client(ep, token)
+    ctx = CallContext(ep, repo_id, rev, filename, "read", secrets, has_token(api))
 
     if is_offline():
-        with _client_output(progress=False), _hub_errors(ctx):
+        with client_output(progress=False), hub_errors(ctx):
             local = api.hf_hub_download(repo_id, filename, revision=rev, local_files_only=True)
         opened = open_adapter(str(local))
         opened.path = uri
@@ -94,7 +94,7 @@ def open_remote_header(
 
     url = hf_hub_url(repo_id, filename, revision=rev, endpoint=ep)
     headers = build_hf_headers(token=token, library_name="loratool", library_version=__version__)
-    with _hub_errors(ctx):
+    with hub_errors(ctx):
         first, total = _read_range(url, headers, 0, C.HEADER_LENGTH_BYTES)
         head = first
         if len(first) == C.HEADER_LENGTH_BYTES:
@@ -121,18 +121,18 @@ def open_remote_header(
 
 
 def _open_remote_other(
-    api: HfApi, repo_id: str, rev: str, filename: str, uri: str, ctx: _Ctx
+    api: HfApi, repo_id: str, rev: str, filename: str, uri: str, ctx: CallContext
 ) -> Opened:
     from huggingface_hub.errors import EntryNotFoundError
 
     from ..sources import open_adapter
 
-    with _client_output(progress=False), _hub_errors(ctx):
-        path = _download(api, repo_id, filename, rev, False, None)
+    with client_output(progress=False), hub_errors(ctx):
+        path = download_file(api, repo_id, filename, rev, False, None)
         src = path
         if filename.rsplit("/", 1)[-1] == PEFT_WEIGHTS:
             with contextlib.suppress(EntryNotFoundError):
-                _download(api, repo_id, _sibling(filename, PEFT_CONFIG), rev, False, None)
+                download_file(api, repo_id, sibling_path(filename, PEFT_CONFIG), rev, False, None)
                 src = str(Path(path).parent)
     opened = open_adapter(src)
     opened.path = uri
@@ -198,7 +198,7 @@ def _int(value: str | None) -> int | None:
 class _RemoteLoader:
     """Loads one tensor of a remote loratool file with one range request."""
 
-    def __init__(self, url: str, headers: dict[str, str], header: Header, ctx: _Ctx) -> None:
+    def __init__(self, url: str, headers: dict[str, str], header: Header, ctx: CallContext) -> None:
         self.url, self.headers, self.header, self.ctx = url, headers, header, ctx
 
     def __call__(self, name: str) -> torch.Tensor:
@@ -211,7 +211,7 @@ class _RemoteLoader:
         size = info.end - info.begin
         if size == 0:
             return torch.empty(info.shape, dtype=torch_dtype(info.dtype))
-        with _hub_errors(self.ctx):
+        with hub_errors(self.ctx):
             data, _ = _read_range(self.url, self.headers, start, start + size)
         if len(data) != size:
             raise FormatError(
