@@ -311,3 +311,42 @@ def test_bad_arguments(tiny_llama_dir: Path) -> None:
     with pytest.raises(UsageError) as e:
         lora.extract_adapter(model)
     assert e.value.code == "no-targets"
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_fused_dropout_equals_plain_autograd_with_the_same_mask(transposed: bool) -> None:
+    """Dropout runs inside the fused function: same mask, same output and gradients as autograd."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    p = 0.25
+    base: nn.Module = Conv1D(24, 32) if transposed else nn.Linear(32, 24)
+    base.double().requires_grad_(False)  # fp64 both sides: only the summation order differs
+    layer = lora.LoraLayer(base, rank=4, alpha=8, dropout=p).double().train()
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 5, 32, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(7)
+    y = layer(x)
+    assert "Fused" in type(y.grad_fn).__name__
+    (y.square() * torch.arange(24)).sum().backward()
+    fused = (y.detach(), x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+
+    torch.manual_seed(7)  # the fused function draws its mask first, the same way
+    mask = torch.empty(15, 32, dtype=torch.bool).bernoulli_(1 - p).view(3, 5, 32)
+    x2 = x.detach().clone().requires_grad_(True)
+    A = layer.lora_A.detach().clone().requires_grad_(True)
+    B = layer.lora_B.detach().clone().requires_grad_(True)
+    w = base.weight
+    ref = (x2 @ w if transposed else x2 @ w.t()) + base.bias
+    ref = ref + layer.scale * ((x2 * mask / (1 - p)) @ A.t()) @ B.t()
+    (ref.square() * torch.arange(24)).sum().backward()
+    for got, want in zip(fused, (ref.detach(), x2.grad, A.grad, B.grad), strict=True):
+        torch.testing.assert_close(got, want)
+    assert 0.6 < mask.float().mean() < 0.9  # the mask really drops about p of the inputs
+
+    layer.eval()  # no dropout at evaluation: the fused result equals the dropout-free formula
+    with torch.no_grad():
+        ye = layer(x)
+        want = (x @ w if transposed else x @ w.t()) + base.bias
+        want = want + layer.scale * (x @ layer.lora_A.t()) @ layer.lora_B.t()
+    torch.testing.assert_close(ye, want)

@@ -1,0 +1,217 @@
+"""Putting LoRA layers on a model: ``inject`` fresh ones for training, ``attach`` a saved adapter.
+
+Targets follow PEFT's ``target_modules`` rules; which modules can be wrapped, and how, is the kind
+registry's answer (loratool/kinds), not a list kept here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import constants as C
+from .. import kinds
+from ..adapter import Adapter
+from ..errors import UsageError
+from .layer import LoraLayer, kind_of
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class InjectionReport:
+    """What ``inject`` did: the wrapped modules and a parameter count like PEFT's."""
+
+    modules: list[str]
+    trainable_params: int
+    all_params: int
+    kinds: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / self.all_params if self.all_params else 0.0
+
+    def summary(self) -> str:
+        """PEFT's ``print_trainable_parameters`` line."""
+        return (
+            f"trainable params: {self.trainable_params:,} || all params: {self.all_params:,} "
+            f"|| trainable%: {self.trainable_percent:.4f}"
+        )
+
+
+def parse_targets(targets: str | Iterable[str]) -> list[str]:
+    """``"q_proj, v_proj"`` or a list -> ``["q_proj", "v_proj"]``; ``all-linear`` stays one item."""
+    items = targets.split(",") if isinstance(targets, str) else list(targets)
+    names = [t.strip() for t in items if t.strip()]
+    if not names:
+        raise UsageError("no target modules given", code="no-targets", hint="e.g. q_proj,v_proj")
+    return names
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, nn.Module) else None
+
+
+def select_modules(model: nn.Module, targets: str | Iterable[str]) -> list[str]:
+    """Names of the modules ``targets`` picks, in model order.
+
+    Each entry matches a module whose full name equals it or ends with ``.`` + it (PEFT's
+    ``target_modules`` list rule). ``all-linear`` is every Linear and Conv1D except the output head
+    (PEFT's rule). Unlike PEFT, an entry that matches nothing is an error, so a typo cannot
+    silently train fewer modules than asked.
+    """
+    wanted = parse_targets(targets)
+    head = _output_head(model)
+    modules = [(n, m) for n, m in model.named_modules() if n and not isinstance(m, LoraLayer)]
+    inside_lora = {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    modules = [(n, m) for n, m in modules if not any(n.startswith(p + ".") for p in inside_lora)]
+    chosen: dict[str, None] = {}
+    for entry in wanted:
+        if entry == ALL_LINEAR:
+            hits = [n for n, m in modules if kind_of(m) in kinds.linear_like() and m is not head]
+        else:
+            hits = [n for n, _ in modules if n == entry or n.endswith("." + entry)]
+        if not hits:
+            raise UsageError(
+                f"target '{entry}' matches no module of the model",
+                code="no-such-module",
+                hint=f"module names look like {_examples(modules)}; or use all-linear",
+            )
+        for n in hits:
+            chosen[n] = None
+    by_name = dict(modules)
+    for n in chosen:
+        if kind_of(by_name[n]) is None:
+            raise UsageError(
+                f"target '{n}' is a {type(by_name[n]).__name__}, not a Linear, Conv1D or Embedding",
+                code="unsupported-module",
+                hint="name the linear layers inside it, e.g. its q_proj/v_proj",
+            )
+    order = {n: i for i, (n, _) in enumerate(modules)}
+    return sorted(chosen, key=order.__getitem__)
+
+
+def _examples(modules: list[tuple[str, nn.Module]]) -> str:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in modules if kind_of(m) is not None})
+    return ", ".join(leaves[:8]) or "(none)"
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def inject(
+    model: nn.Module,
+    *,
+    targets: str | Iterable[str],
+    rank: int,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    rslora: bool = False,
+) -> InjectionReport:
+    """Wrap the ``targets`` modules of ``model`` in ``LoraLayer``s, in place, and freeze the rest.
+
+    ``alpha`` defaults to ``rank`` (scale 1). Afterwards only the LoRA factors have
+    ``requires_grad``; the factors are fp32 on the device of the weight they adapt.
+    """
+    if rank < 1:
+        raise UsageError(f"rank must be at least 1, got {rank}", code="bad-rank")
+    if not 0.0 <= dropout < 1.0:
+        raise UsageError(f"dropout must be in [0, 1), got {dropout}", code="bad-dropout")
+    names = select_modules(model, targets)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    kinds: dict[str, int] = {}
+    for name in names:
+        base = model.get_submodule(name)
+        layer = LoraLayer(
+            base,
+            rank=rank,
+            alpha=float(rank if alpha is None else alpha),
+            dropout=dropout,
+            rslora=rslora,
+        )
+        kinds[layer.kind] = kinds.get(layer.kind, 0) + 1
+        set_module(model, name, layer)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return InjectionReport(modules=names, trainable_params=trainable, all_params=total, kinds=kinds)
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """``(module name, layer)`` for every LoRA layer, names as in the base model."""
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLayer):
+            yield name, m
+
+
+def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``{'<module>.lora_A': A, '<module>.lora_B': B}``: the trainable state, keyed as in files."""
+    out: dict[str, nn.Parameter] = {}
+    for name, layer in lora_layers(model):
+        out[name + C.LORA_A_SUFFIX] = layer.lora_A
+        out[name + C.LORA_B_SUFFIX] = layer.lora_B
+    return out
+
+
+def load_factors(model: nn.Module, adapter: Adapter) -> None:
+    """Copy an adapter's factors into the injected model's matching LoRA layers."""
+    layers = dict(lora_layers(model))
+    missing = sorted(set(adapter.targets) ^ set(layers))
+    if missing:
+        raise UsageError(
+            f"adapter and model disagree on targets: {', '.join(missing[:5])}",
+            code="target-mismatch",
+        )
+    with torch.no_grad():
+        for name, t in adapter.targets.items():
+            layer = layers[name]
+            if (t.rank, t.alpha, t.scale_rule) != (layer.rank, layer.alpha, layer.scale_rule):
+                raise UsageError(f"target '{name}' has other rank/alpha", code="target-mismatch")
+            layer.lora_A.copy_(t.lora_A)
+            layer.lora_B.copy_(t.lora_B)
+
+
+def attach(model: nn.Module, adapter: Adapter) -> InjectionReport:
+    """Wrap each of the adapter's target modules in a LoraLayer holding its factors (unmerged).
+
+    Each target keeps its own rank, alpha and scale rule. The factors are copied in fp32 to the
+    device of the weight they adapt; the rest of the model is frozen as ``inject`` leaves it.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    kinds: dict[str, int] = {}
+    for name, t in adapter.targets.items():
+        try:
+            base = model.get_submodule(name)
+        except AttributeError:
+            raise UsageError(
+                f"the model has no module '{name}'",
+                code="missing-module",
+                hint="the adapter was made for another base model",
+            ) from None
+        kind = kind_of(base)
+        w = getattr(base, "weight", None)
+        if kind != t.kind or not isinstance(w, torch.Tensor) or tuple(w.shape) != t.weight_shape:
+            raise UsageError(
+                f"module '{name}' is not a {t.kind} of shape {list(t.weight_shape)}",
+                code="shape-mismatch",
+            )
+        layer = LoraLayer(base, rank=t.rank, alpha=t.alpha, rslora=t.scale_rule == C.SCALE_RSLORA)
+        with torch.no_grad():
+            layer.lora_A.copy_(t.lora_A)
+            layer.lora_B.copy_(t.lora_B)
+        kinds[t.kind] = kinds.get(t.kind, 0) + 1
+        set_module(model, name, layer)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return InjectionReport(
+        modules=list(adapter.targets), trainable_params=trainable, all_params=total, kinds=kinds
+    )

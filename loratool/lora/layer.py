@@ -1,0 +1,173 @@
+"""``LoraLayer``: a frozen base module plus ``s·B·A``, with one fused autograd path for dense kinds.
+
+    x ↦ W0·x + s·B(A(dropout(x))),   s = α/r (standard) or α/√r (rsLoRA, Kalajdzievski 2023)
+
+``A`` ``[r, in]`` and ``B`` ``[out, r]`` are in the ``nn.Linear`` orientation of the adapter format
+(spec §3) for every kind; the kind (loratool/kinds) says how the base stores its weight, how the
+factors start and how ``A`` meets the input (a matmul, or a lookup of ``Aᵀ`` rows for embeddings).
+The factors stay fp32 whatever the base dtype: under bf16 autocast the matmuls run in bf16 while
+the weights, their gradients and the optimizer state keep fp32 precision.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import constants as C
+from .. import kinds
+from ..adapter import scale_for
+
+
+def kind_of(module: nn.Module) -> str | None:
+    """The name of the kind that adapts ``module`` (loratool.kinds), or None."""
+    kind = kinds.of_module(module)
+    return None if kind is None else kind.name
+
+
+class LoraLayer(nn.Module):
+    """``x ↦ W0x + (α/r)·B(A(dropout(x))))`` around a frozen base module of a registered kind.
+
+    Dense kinds (Linear, Conv1D) with a frozen base run as one autograd function (``FusedLora``),
+    dropout included. An embedding takes token ids: no dropout, and A starts at zero with B
+    normal, as PEFT does (``Kind.init_factors``).
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+    ) -> None:
+        super().__init__()
+        kind = kinds.of_module(base)
+        if kind is None:
+            raise TypeError(f"cannot wrap {type(base).__name__}")
+        w = base.weight
+        assert isinstance(w, torch.Tensor)
+        self.base = base
+        self.kind_spec = kind
+        self.kind = kind.name
+        self.in_features, self.out_features = kind.features(tuple(w.shape))
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.scale_rule = C.SCALE_RSLORA if rslora else C.SCALE_STANDARD
+        self.scale = scale_for(self.alpha, rank, self.scale_rule)
+        # Dropout 0 is no module at all: not even an identity call per forward.
+        self.dropout = nn.Dropout(dropout) if dropout > 0 and kind.dense else None
+        dev = w.device
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, device=dev))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.kind_spec.init_factors(self.lora_A, self.lora_B)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight, for code that looks at ``module.weight``."""
+        w = self.base.weight
+        assert isinstance(w, torch.Tensor)
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base_w = self.base.weight
+        kind = self.kind_spec
+        drop = self.dropout
+        # nn.Dropout is fused; any other module put in its place takes the plain autograd path.
+        if kind.dense and not base_w.requires_grad and (drop is None or type(drop) is nn.Dropout):
+            p = drop.p if drop is not None and self.training else 0.0
+            bias = getattr(self.base, "bias", None)
+            y: torch.Tensor = FusedLora.apply(
+                x, base_w, bias, self.lora_A, self.lora_B, self.scale, kind.transposed, p
+            )
+            return y
+        out = self.base(x)
+        if kind.dense:
+            if x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
+                x = x.to(self.lora_A.dtype)  # a bf16 base outside autocast: the factors are fp32
+            x = x if self.dropout is None else self.dropout(x)
+        h = kind.down(self.base, x, self.lora_A)
+        # Scale the r-wide intermediate, not the out-wide result: r ≪ out elements to multiply.
+        delta = F.linear(h * self.scale, self.lora_B)
+        return out + delta.to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s·B@A`` in fp32, oriented like the base weight as it is stored (spec §3.2)."""
+        d = (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scale
+        return self.kind_spec.to_stored(d)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:.4g}"
+
+
+class FusedLora(torch.autograd.Function):
+    """``y = x·W0ᵀ (+ b) + drop(x)·Aᵀ·(s·B)ᵀ`` for a frozen W0, one accumulate in place of an add.
+
+    Autograd on the plain expression writes ``[tokens, out]`` twice in forward (base, then the sum)
+    and ``[tokens, in]`` twice in backward; here the low-rank product is accumulated into the base
+    result by ``addmm_`` (BLAS beta=1) both ways. Saved for backward: the (dropped) input in the
+    compute dtype, the r-wide ``drop(x)·Aᵀ``, and with dropout its boolean mask — the one extra
+    tensor dropout costs (``nn.Dropout`` plus autograd would keep x, the mask and the dropped copy).
+    Matmuls run in the autocast dtype when autocast is on (bf16); gradients of A and B come back in
+    the factors' dtype (fp32), as autocast would give them. Dropout follows ``nn.Dropout``:
+    inverted scaling by 1/(1-p), a fresh Bernoulli mask per call from torch's generator.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        lora_A: torch.Tensor,
+        lora_B: torch.Tensor,
+        scale: float,
+        transposed: bool,
+        p: float = 0.0,
+    ) -> torch.Tensor:
+        dev = x.device.type
+        cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+        with torch.autocast(dev, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(cd)
+            w = weight.to(cd)
+            wt = w if transposed else w.t()  # Conv1D stores [in, out]
+            a = lora_A.to(cd)
+            bs = (lora_B * scale).to(cd)
+            y = x2 @ wt if bias is None else torch.addmm(bias.to(cd), x2, wt)
+            mask = None
+            xd = x2
+            if p > 0.0:
+                mask = torch.empty_like(x2, dtype=torch.bool).bernoulli_(1.0 - p)
+                xd = x2 * mask * (1.0 / (1.0 - p))
+            h = xd @ a.t()
+            y.addmm_(h, bs.t())
+        ctx.save_for_backward(xd, h, w, a, bs, mask)
+        ctx.scale, ctx.transposed, ctx.x_dtype, ctx.p = scale, transposed, x.dtype, p
+        ctx.factor_dtypes = (lora_A.dtype, lora_B.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> Any:
+        xd, h, w, a, bs, mask = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1]).to(xd.dtype)
+        gbs = g @ bs  # [T, r]
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            gx = g @ (w.t() if ctx.transposed else w)
+            if mask is None:
+                gx.addmm_(gbs, a)
+            else:
+                gx.add_((gbs @ a) * mask, alpha=1.0 / (1.0 - ctx.p))
+            grad_x = gx.view(*grad_y.shape[:-1], gx.shape[-1]).to(ctx.x_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_a = (gbs.t() @ xd).to(ctx.factor_dtypes[0])
+        if ctx.needs_input_grad[4]:
+            grad_b = ((g.t() @ h) * ctx.scale).to(ctx.factor_dtypes[1])
+        return grad_x, None, None, grad_a, grad_b, None, None, None
