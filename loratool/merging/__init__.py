@@ -12,6 +12,7 @@ The package, one job per module (each imports only modules listed before it):
   * ``compute`` — one planned weight applied, checked and reported; the state-dict loop;
   * ``pipeline`` — the streaming reader/worker threads and buffer pools over the shards;
   * ``output`` — the atomic output directory or file, index.json, the other files copied;
+  * ``prepare`` — the checks and set-up merge and unmerge share, the output around the shards;
   * ``provenance`` — the merge records in the shards' metadata;
   * ``merger``, ``unmerger`` — ``merge`` and ``unmerge``, which put the above together.
 """

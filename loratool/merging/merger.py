@@ -10,14 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter
-from ..checkpoint import Checkpoint
-from ..errors import UsageError
 from ..stream import rewrite_metadata
-from .compute import Context, Outcome, memory_loop
-from .inputs import MemoryCheckpoint, digest_inputs, open_inputs, resolve_device
-from .output import check_paths, copy_other_files, output_dest, shard_namer, write_layout
+from .compute import Context, Outcome
+from .output import shard_namer
 from .pipeline import one_thread, stream_files
-from .plan import check_reversible_dtypes, dtype_rule, module_names, plan_jobs
+from .prepare import Prepared, finish, in_memory, prepare, written
 from .provenance import read_records, record_id, roundtrip_stats, shard_metadata_with, tool_version
 from .report import MergeReport, Progress, add_warnings
 from .sidecar import Sidecar, Spool, encode_corrections, sidecar_file_name, write_sidecar_file
@@ -26,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
 
+@one_thread()  # one intra-op thread for the whole call (see pipeline.one_thread)
 def merge(
     base: str | os.PathLike[str] | Mapping[str, torch.Tensor],
     adapters: Sequence[str | os.PathLike[str] | Adapter],
@@ -46,117 +44,94 @@ def merge(
     ``report.sidecar``. Every compatibility check runs before anything is written; ``force``
     accepts a differing base fingerprint and replaces an existing ``out``.
     """
-
-    with one_thread():
-        return _merge(
-            base,
-            adapters,
-            out,
-            weights=weights,
-            dtype=dtype,
-            device=device,
-            reversible=reversible,
-            force=force,
-            progress=progress,
-        )
-
-
-def _merge(
-    base: str | os.PathLike[str] | Mapping[str, torch.Tensor],
-    adapters: Sequence[str | os.PathLike[str] | Adapter],
-    out: str | os.PathLike[str] | None,
-    *,
-    weights: Sequence[float] | None,
-    dtype: str,
-    device: str,
-    reversible: bool,
-    force: bool,
-    progress: Progress | None,
-) -> MergeReport:
-    import torch
-
     started = time.perf_counter()
-    if isinstance(base, Mapping):
-        if out is not None:
-            raise UsageError("a state-dict merge returns its result; out must be None")
-        return _merge_memory(
-            base,
-            adapters,
-            weights=weights,
-            dtype=dtype,
-            device=device,
-            reversible=reversible,
-            force=force,
-            started=started,
-        )
-    if out is None:
-        raise UsageError("no output path", hint="pass -o OUT")
-    base_path, out_path = Path(base), Path(out)
-    check_paths(base_path, out_path, force=force)
-    rule = dtype_rule(dtype)
-    dev = resolve_device(device)
-    ckpt = Checkpoint(base_path)
-    inputs = open_inputs(adapters, weights)
-    jobs = plan_jobs(ckpt, inputs, sign=1.0, out_dtype=rule, force=force)
-    if reversible:
-        check_reversible_dtypes(jobs)
-    digest_inputs(inputs)
-    changes = {k: j.in_dtype for k, j in jobs.items() if j.out_dtype != j.in_dtype}
-    previous = read_records(ckpt)
-    add_format = not any("format" in m for m in ckpt.shard_metadata.values())
-    sidecar_name = (
-        sidecar_file_name(out_path if not ckpt.is_dir else None, len(previous) + 1)
-        if reversible
-        else None
+    p = prepare(
+        "merge",
+        base,
+        adapters,
+        out,
+        weights=weights,
+        dtype=dtype,
+        device=device,
+        reversible=reversible,
+        force=force,
     )
+    ckpt, jobs = p.ckpt, p.jobs
+    previous = [] if p.memory else read_records(ckpt)
+    sidecar_name: str | None = None
+    if reversible:
+        single = p.out if not p.memory and not ckpt.is_dir else None
+        sidecar_name = "memory" if p.memory else sidecar_file_name(single, len(previous) + 1)
     record: dict[str, Any] = {
         "op": "merge",
         "tool": f"loratool {tool_version()}",
-        "adapters": [i.entry() for i in inputs],
+        "adapters": [i.entry() for i in p.inputs],
         "dtype": dtype,
-        "dtype_changes": changes,
-        "product": _product(dev, reversible),
+        "dtype_changes": {k: j.in_dtype for k, j in jobs.items() if j.out_dtype != j.in_dtype},
+        "product": _product(p.device, reversible),
         "reversible": sidecar_name,
-        "format_added": add_format,
     }
+    if not p.memory:  # a state dict has no shard metadata to add "format" to
+        record["format_added"] = not any("format" in m for m in ckpt.shard_metadata.values())
     record["id"] = record_id(record)
-    records = [*previous, record]
-    names = module_names(inputs)
-    ctx = Context(
-        dev,
-        record["product"] == "fp64",
-        names,
+    ctx = p.context(
+        precise=record["product"] == "fp64",
+        progress=progress,
         roundtrip=True,
         collect=reversible,
         hash_in=reversible,
-        hash_out=False,
-        corrections=lambda key: None,
-        progress=progress,
-        where=str(base_path),
     )
-
-    def metadata(shard: Path) -> dict[str, str]:
-        return shard_metadata_with(ckpt.shard_metadata[shard], records, add_format=add_format)
-
     outcome = Outcome()
-    namer = shard_namer(ckpt, out_path)
     report = MergeReport(
         "merge",
-        str(base_path),
-        str(out_path),
+        p.where,
+        None if p.out is None else str(p.out),
         record["adapters"],
         dtype,
-        dev,
+        p.device,
         [],
         record,
         sidecar_name=sidecar_name,
     )
-    with (
-        torch.inference_mode(),
-        output_dest(out_path, directory=ckpt.is_dir, force=force) as dest,
-    ):
-        spool_dir = dest if ckpt.is_dir else out_path.parent
+    sizes = None
+    if p.memory:
+        report.state_dict = in_memory(p, jobs, ctx, outcome)
+        record["roundtrip"] = roundtrip_stats(outcome.reports)
         if reversible:
+            tensors: dict[str, torch.Tensor] = {}
+            for key, idx, val in outcome.sidecar_parts:
+                tensors.update(encode_corrections(key, idx, val))
+            report.sidecar = Sidecar(tensors, outcome.hashes, record["id"])
+            report.sidecar_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    else:
+        sizes = _write(p, [*previous, record], ctx, outcome, report)
+    finish(report, p, outcome, sizes)
+    report.seconds = time.perf_counter() - started
+    add_warnings(report)
+    return report
+
+
+def _write(
+    p: Prepared,
+    records: list[dict[str, Any]],
+    ctx: Context,
+    outcome: Outcome,
+    report: MergeReport,
+) -> dict[str, int]:
+    """Stream the merged shards to disk, then the final record (with the round-trip counts) into
+    their metadata and, for a reversible merge, the sidecar; the last record is this merge's."""
+    ckpt, out_path, record = p.ckpt, p.out, records[-1]
+    assert out_path is not None
+    add_format = bool(record["format_added"])
+    sidecar_name = record["reversible"]
+
+    def metadata(shard: Path) -> dict[str, str]:
+        return shard_metadata_with(ckpt.shard_metadata[shard], records, add_format=add_format)
+
+    namer = shard_namer(ckpt, out_path)
+    with written(p, p.jobs, report, skip=set()) as dest:
+        spool_dir = dest if ckpt.is_dir else out_path.parent
+        if sidecar_name is not None:
             fd, spool_path = tempfile.mkstemp(
                 prefix=f".{out_path.name}.", suffix=".spool", dir=spool_dir
             )
@@ -164,7 +139,7 @@ def _merge(
             os.unlink(spool_path)
             outcome.spool = Spool(Path(spool_path))
         try:
-            sizes = stream_files(ckpt, jobs, dest, ctx, outcome, metadata, namer, reserve=512)
+            sizes = stream_files(ckpt, p.jobs, dest, ctx, outcome, metadata, namer, reserve=512)
             record["roundtrip"] = roundtrip_stats(outcome.reports)
             for shard in ckpt.shards:  # the final record, with the round-trip counts
                 rewrite_metadata(dest / namer(shard), metadata(shard))
@@ -172,92 +147,12 @@ def _merge(
                 sidecar = Sidecar({}, outcome.hashes, record["id"])
                 target = dest / sidecar_name if ckpt.is_dir else out_path.parent / sidecar_name
                 report.sidecar_bytes = write_sidecar_file(
-                    outcome.spool, target, sidecar.metadata(), force=force
+                    outcome.spool, target, sidecar.metadata(), force=p.force
                 )
         finally:
             if outcome.spool is not None:
                 outcome.spool.close()
-        if ckpt.is_dir:
-            write_layout(ckpt, dest, jobs)
-            report.copied_files, report.skipped_files = copy_other_files(ckpt, dest, set())
-    report.targets = [outcome.reports[k] for k in sorted(outcome.reports)]
-    report.shards = list(sizes)
-    report.base_bytes = sum(os.path.getsize(s) for s in ckpt.shards)
-    report.out_bytes = sum(sizes.values())
-    report.seconds = time.perf_counter() - started
-    add_warnings(report)
-    return report
-
-
-def _merge_memory(
-    state: Mapping[str, torch.Tensor],
-    adapters: Sequence[str | os.PathLike[str] | Adapter],
-    *,
-    weights: Sequence[float] | None,
-    dtype: str,
-    device: str,
-    reversible: bool,
-    force: bool,
-    started: float,
-) -> MergeReport:
-    import torch
-
-    rule = dtype_rule(dtype)
-    dev = resolve_device(device)
-    ckpt = MemoryCheckpoint(state)
-    inputs = open_inputs(adapters, weights)
-    jobs = plan_jobs(ckpt, inputs, sign=1.0, out_dtype=rule, force=force)
-    if reversible:
-        check_reversible_dtypes(jobs)
-    digest_inputs(inputs)
-    record: dict[str, Any] = {
-        "op": "merge",
-        "tool": f"loratool {tool_version()}",
-        "adapters": [i.entry() for i in inputs],
-        "dtype": dtype,
-        "dtype_changes": {k: j.in_dtype for k, j in jobs.items() if j.out_dtype != j.in_dtype},
-        "product": _product(dev, reversible),
-        "reversible": "memory" if reversible else None,
-    }
-    record["id"] = record_id(record)
-    ctx = Context(
-        dev,
-        record["product"] == "fp64",
-        module_names(inputs),
-        roundtrip=True,
-        collect=reversible,
-        hash_in=reversible,
-        hash_out=False,
-        corrections=lambda key: None,
-        progress=None,
-        where="<state dict>",
-    )
-    outcome = Outcome()
-    with torch.inference_mode():
-        result = memory_loop(ckpt, jobs, ctx, outcome)
-    record["roundtrip"] = roundtrip_stats(outcome.reports)
-    report = MergeReport(
-        "merge",
-        "<state dict>",
-        None,
-        record["adapters"],
-        dtype,
-        dev,
-        [outcome.reports[k] for k in sorted(outcome.reports)],
-        record,
-        state_dict=result,
-    )
-    if reversible:
-        tensors: dict[str, torch.Tensor] = {}
-        for key, idx, val in outcome.sidecar_parts:
-            tensors.update(encode_corrections(key, idx, val))
-        report.sidecar = Sidecar(tensors, outcome.hashes, record["id"])
-        report.sidecar_name = "memory"
-        report.sidecar_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    report.base_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    report.seconds = time.perf_counter() - started
-    add_warnings(report)
-    return report
+    return sizes
 
 
 def _product(device: str, reversible: bool) -> str:

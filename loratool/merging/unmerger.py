@@ -9,13 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter import Adapter
-from ..checkpoint import Checkpoint
-from ..errors import UsageError
-from .compute import Context, Outcome, memory_loop
-from .inputs import MemoryCheckpoint, digest_inputs, open_inputs, resolve_device
-from .output import check_paths, copy_other_files, output_dest, shard_namer, write_layout
+from .compute import Outcome
+from .output import shard_namer
 from .pipeline import one_thread, stream_files
-from .plan import module_names, plan_jobs
+from .plan import plan_jobs
+from .prepare import finish, in_memory, prepare, written
 from .provenance import (
     match_record,
     read_records,
@@ -30,6 +28,7 @@ if TYPE_CHECKING:
     import torch
 
 
+@one_thread()  # one intra-op thread for the whole call (see pipeline.one_thread)
 def unmerge(
     merged: str | os.PathLike[str] | Mapping[str, torch.Tensor],
     adapters: Sequence[str | os.PathLike[str] | Adapter],
@@ -51,94 +50,54 @@ def unmerge(
     unmerge record added. For a state dict pass the merge's ``record`` and ``sidecar``
     (``MergeReport.record``, ``MergeReport.sidecar``) to get the same checks and exactness.
     """
-    with one_thread():
-        return _unmerge(
-            merged,
-            adapters,
-            out,
-            weights=weights,
-            device=device,
-            force=force,
-            progress=progress,
-            record=record,
-            sidecar=sidecar,
-        )
-
-
-def _unmerge(
-    merged: str | os.PathLike[str] | Mapping[str, torch.Tensor],
-    adapters: Sequence[str | os.PathLike[str] | Adapter],
-    out: str | os.PathLike[str] | None,
-    *,
-    weights: Sequence[float] | None,
-    device: str,
-    force: bool,
-    progress: Progress | None,
-    record: Mapping[str, Any] | None,
-    sidecar: Sidecar | None,
-) -> MergeReport:
-    import torch
-
     started = time.perf_counter()
-    memory = isinstance(merged, Mapping)
-    if memory and out is not None:
-        raise UsageError("a state-dict unmerge returns its result; out must be None")
-    if not memory and out is None:
-        raise UsageError("no output path", hint="pass -o OUT")
-    dev = resolve_device(device)
-    if isinstance(merged, Mapping):
-        ckpt: Checkpoint = MemoryCheckpoint(merged)
-        where = "<state dict>"
-        records = [dict(record)] if record is not None else []
-    else:
-        out_path = Path(out)  # type: ignore[arg-type]
-        check_paths(Path(merged), out_path, force=force)
-        ckpt = Checkpoint(merged)
-        where = str(merged)
-        records = read_records(ckpt)
-    inputs = open_inputs(adapters, weights)
-    plan_jobs(ckpt, inputs, sign=-1.0, out_dtype=lambda name, cur: cur, force=force)  # fits?
-    digest_inputs(inputs)
+    p = prepare(
+        "unmerge",
+        merged,
+        adapters,
+        out,
+        weights=weights,
+        dtype="keep",  # until the merge record says which dtypes to restore
+        device=device,
+        reversible=False,
+        force=force,
+    )
+    ckpt, inputs, where = p.ckpt, p.inputs, p.where
+    given = [dict(record)] if record is not None else []  # a state dict has no metadata
+    records = given if p.memory else read_records(ckpt)
     top, matched = match_record(records, inputs, weights is not None, where=where, force=force)
     restore = restore_dtypes(top, where) if matched and top else {}
     jobs = plan_jobs(
         ckpt, inputs, sign=-1.0, out_dtype=lambda name, cur: restore.get(name, cur), force=force
     )
 
-    side = open_sidecar(ckpt, top, sidecar, matched=matched, memory=memory, force=force)
+    side = open_sidecar(ckpt, top, sidecar, matched=matched, memory=p.memory, force=force)
     remaining = records[:-1] if matched else [*records, unmerge_record(inputs)]
     recorded = top.get("product") if matched and top else None
-    precise = dev == "cuda" or recorded == "fp64" or (recorded is None and side is not None)
-    ctx = Context(
-        dev,
-        precise,
-        module_names(inputs),
-        roundtrip=False,
-        collect=False,
-        hash_in=False,
-        hash_out=side is not None,
-        corrections=side.corrections if side else lambda k: None,
+    precise = p.device == "cuda" or recorded == "fp64" or (recorded is None and side is not None)
+    ctx = p.context(
+        precise=precise,
         progress=progress,
-        where=where,
+        hash_out=side is not None,
+        corrections=side.corrections if side else None,
     )
     outcome = Outcome()
     undone = dict(top) if matched and top else unmerge_record(inputs)
     report = MergeReport(
         "unmerge",
         where,
-        None if memory else str(out),
+        None if p.out is None else str(p.out),
         [i.entry() for i in inputs],
         "restore" if restore else "keep",
-        dev,
+        p.device,
         [],
         undone,
     )
-    if isinstance(ckpt, MemoryCheckpoint):
-        with torch.inference_mode():
-            report.state_dict = memory_loop(ckpt, jobs, ctx, outcome)
-        report.base_bytes = sum(t.numel() * t.element_size() for t in ckpt.state.values())
+    sizes = None
+    if p.memory:
+        report.state_dict = in_memory(p, jobs, ctx, outcome)
     else:
-        out_path = Path(out)  # type: ignore[arg-type]
+        assert p.out is not None
         drop_format = bool(matched and top and top.get("format_added") and not remaining)
 
         def metadata(shard: Path) -> dict[str, str]:
@@ -150,20 +109,10 @@ def _unmerge(
             return meta
 
         skip = {top["reversible"]} if matched and top and top.get("reversible") else set()
-        with (
-            torch.inference_mode(),
-            output_dest(out_path, directory=ckpt.is_dir, force=force) as dest,
-        ):
-            sizes = stream_files(
-                ckpt, jobs, dest, ctx, outcome, metadata, shard_namer(ckpt, out_path)
-            )
-            if ckpt.is_dir:
-                write_layout(ckpt, dest, jobs)
-                report.copied_files, report.skipped_files = copy_other_files(ckpt, dest, skip)
-        report.shards = list(sizes)
-        report.base_bytes = sum(os.path.getsize(s) for s in ckpt.shards)
-        report.out_bytes = sum(sizes.values())
-    report.targets = [outcome.reports[k] for k in sorted(outcome.reports)]
+        with written(p, jobs, report, skip=skip) as dest:
+            namer = shard_namer(ckpt, p.out)
+            sizes = stream_files(ckpt, jobs, dest, ctx, outcome, metadata, namer)
+    finish(report, p, outcome, sizes)
     if side is not None:
         for t in report.targets:
             want = side.sha256.get(t.key)
