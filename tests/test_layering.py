@@ -94,7 +94,7 @@ def _imports(path: Path) -> set[str]:
 
     tree = ast.parse(path.read_text(encoding="utf-8"))
     rel = path.relative_to(PACKAGE.parent).with_suffix("")
-    pkg = list(rel.parts[:-1]) if rel.name != "__init__" else list(rel.parts[:-1])
+    pkg = list(rel.parts[:-1])  # the package a relative import starts from
     skip: set[int] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
