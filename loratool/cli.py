@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "push": ("push", "Upload an adapter to the Hugging Face Hub with a model card and PEFT files."),
     "pull": ("pull", "Download and verify an adapter from the Hugging Face Hub."),
+    "generate": ("generate", "Generate text from a base model with adapters on it."),
+    "serve": ("serve", "Serve a base and its adapters over an OpenAI-compatible HTTP API."),
 }
 
 
