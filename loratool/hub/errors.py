@@ -1,11 +1,17 @@
-"""Map huggingface_hub / httpx2 exceptions to one-line HubErrors (exit 5), tokens masked."""
+"""Map huggingface_hub / httpx2 exceptions to one-line HubErrors (exit 5), tokens masked.
+
+One table (``RULES``) says, for each exception type and condition (status, action, token),
+the error code, message and hint; every Hub call goes through ``hub_errors``, which applies it.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +72,7 @@ def hub_errors(ctx: CallContext) -> Iterator[None]:
     except LoratoolError:
         raise
     except Exception as e:
-        mapped = _map_error(e, ctx)
+        mapped = map_error(e, ctx)
         if mapped is None:
             raise
         if ctx.secrets is not None:
@@ -75,148 +81,236 @@ def hub_errors(ctx: CallContext) -> Iterator[None]:
         raise mapped from None
 
 
-def _map_error(e: BaseException, ctx: CallContext) -> LoratoolError | None:
-    import httpx2
-    from huggingface_hub import errors as E
+class Facts:
+    """What a message may say about a failed call: the context's fields, and the exception's.
 
-    if isinstance(e, E.HFValidationError):
-        return UsageError(_first_line(str(e)), code="bad-repo-id")
-    if isinstance(e, E.OfflineModeIsEnabled):
-        return HubError(
-            f"cannot {ctx.action} {ctx.where}: offline mode is on (HF_HUB_OFFLINE)",
-            code="offline",
-            hint="unset HF_HUB_OFFLINE to reach the Hub",
-        )
-    if isinstance(e, E.GatedRepoError):
-        return HubError(
-            f"{ctx.repo_id} is a gated repo and this account has not been granted access",
-            code="gated",
-            hint="accept the conditions on the repo's page, then use that account's token; "
-            + _AUTH_HINT,
-        )
-    if isinstance(e, E.RepositoryNotFoundError):
-        status = e.response.status_code if e.response is not None else 404
-        if status == 401 and ctx.action in _WRITE_ACTIONS:
-            # On https endpoints the client files any 401 on a repo URL under "not found".
-            sent = "the token was refused" if ctx.authenticated else "no token was sent"
-            return HubError(
-                f"cannot {ctx.action} {ctx.where}: authentication failed (401, {sent})",
-                code="unauthorized",
-                hint=_AUTH_HINT,
-            )
-        if status == 401 and not ctx.authenticated:
-            return HubError(
-                f"repo {ctx.repo_id} not found on {ctx.endpoint}, or private and no token was sent (401)",
-                code="repo-not-found",
-                hint="check the repo id; for a private repo " + _AUTH_HINT,
-            )
-        return HubError(
-            f"repo {ctx.repo_id} not found on {ctx.endpoint} (or not visible to this token)",
-            code="repo-not-found",
-            hint="check the repo id and that the token's account can see it",
-        )
-    if isinstance(e, E.RevisionNotFoundError):
-        return HubError(
-            f"revision '{ctx.revision or 'main'}' not found in {ctx.repo_id}",
-            code="revision-not-found",
-            hint="use an existing branch, tag or commit (REPO_ID@REVISION)",
-        )
-    if isinstance(e, E.RemoteEntryNotFoundError):
-        return HubError(
-            f"file '{ctx.filename}' not found in {ctx.repo_id}@{ctx.revision or 'main'}",
-            code="file-not-found",
-            hint="list the repo's files on the Hub; pick one with --filename",
-        )
-    if isinstance(e, E.LocalEntryNotFoundError):
-        cause = e.__cause__ or e.__context__
-        if cause is not None and not isinstance(cause, E.OfflineModeIsEnabled):
-            inner = _map_error(cause, ctx)
-            if inner is not None:
-                return inner
-        return HubError(
-            f"{ctx.where} is not in the local cache and the Hub cannot be reached (offline mode)",
-            code="not-cached",
-            hint="pull it once while online, or unset HF_HUB_OFFLINE",
-        )
-    if isinstance(e, E.FileMetadataError):
-        return HubError(
-            f"{ctx.endpoint} did not answer like a Hugging Face Hub for {ctx.where}",
-            code="not-a-hub",
-            hint="check HF_ENDPOINT (or --endpoint): it must point to a Hub-compatible server",
-        )
-    if isinstance(e, E.HfHubHTTPError):
-        resp = e.response
-        status = resp.status_code if resp is not None else 0
-        server = _first_line(e.server_message or "")
-        detail = f": {server}" if server else ""
-        if status == 401:
-            sent = "the token was refused" if ctx.authenticated else "no token was sent"
-            return HubError(
-                f"cannot {ctx.action} {ctx.where}: authentication failed (401, {sent}){detail}",
-                code="unauthorized",
-                hint=_AUTH_HINT,
-            )
-        if status == 403:
-            return HubError(
-                f"cannot {ctx.action} {ctx.where}: permission denied (403){detail}",
-                code="forbidden",
-                hint="use a token with write access to this namespace; " + _AUTH_HINT,
-            )
-        if status == 412:
-            return HubError(
-                f"{ctx.where} changed while pushing (someone else committed)",
-                code="conflict",
-                hint="run the command again",
-            )
-        if status >= 500:
-            method = resp.request.method if resp is not None and resp.request is not None else ""
-            return HubError(
-                f"the Hub at {ctx.endpoint} failed with {status} {_reason(status)} while trying to "
-                f"{ctx.action} {ctx.where}{detail} ({method} {_url_path(resp)})",
-                code="server-error",
-                hint="a problem on the Hub's side: try again later (the client already retried "
-                "the requests it can retry)",
-            )
-        return HubError(
-            f"cannot {ctx.action} {ctx.where}: the Hub answered {status} {_reason(status)}{detail}",
-            code="http-error",
-            hint="check the repo id, revision and file name",
-        )
-    if isinstance(e, httpx2.TimeoutException):
-        return HubError(
-            f"timed out trying to {ctx.action} {ctx.where} at {ctx.endpoint}",
-            code="network",
-            hint="check your connection (and HF_ENDPOINT / proxy settings), then try again",
-        )
-    if isinstance(e, httpx2.TransportError):
-        kind = {
-            "ConnectError": "could not connect",
-            "RemoteProtocolError": "the connection was dropped",
-            "ReadError": "the connection broke while reading",
-            "WriteError": "the connection broke while sending",
-            "ProxyError": "the proxy refused the connection",
-        }.get(type(e).__name__, "network failure")
-        return HubError(
-            f"{kind} trying to {ctx.action} {ctx.where} at {ctx.endpoint} "
-            f"({_first_line(str(e)) or type(e).__name__})",
-            code="network",
-            hint="check your connection (and HF_ENDPOINT / proxy settings), then try again; "
-            "the client retries idempotent requests before giving up",
-        )
-    if isinstance(e, ConnectionError):  # hf_xet (Rust) reports transfer failures this way
-        return HubError(
-            f"transfer failed trying to {ctx.action} {ctx.where}: {_first_line(str(e))}",
-            code="network",
-            hint="check your connection and try again; for a Hub without Xet storage "
-            "set HF_HUB_DISABLE_XET=1",
-        )
-    if isinstance(e, ValueError) and "Invalid metadata in README.md" in str(e):
-        return HubError(
-            f"the Hub rejected the model card of {ctx.where}: {_first_line(str(e).split('README.md', 1)[-1])}",
-            code="invalid-card",
-            hint="check --base-model is a Hub model id",
-        )
+    Properties, so a message template reads only what it names (``{f.method}`` touches the
+    response's request only for a 5xx).
+    """
+
+    def __init__(self, e: BaseException, ctx: CallContext, status: int) -> None:
+        self.e, self.ctx, self.status = e, ctx, status
+        self.action, self.where, self.repo_id = ctx.action, ctx.where, ctx.repo_id
+        self.endpoint, self.filename = ctx.endpoint, ctx.filename
+        self.revision = ctx.revision or "main"
+
+    @property
+    def first(self) -> str:
+        return _first_line(str(self.e))
+
+    @property
+    def sent(self) -> str:
+        return "the token was refused" if self.ctx.authenticated else "no token was sent"
+
+    @property
+    def detail(self) -> str:
+        server = _first_line(getattr(self.e, "server_message", None) or "")
+        return f": {server}" if server else ""
+
+    @property
+    def reason(self) -> str:
+        return _reason(self.status)
+
+    @property
+    def method(self) -> str:
+        resp = getattr(self.e, "response", None)
+        return resp.request.method if resp is not None and resp.request is not None else ""
+
+    @property
+    def url_path(self) -> str:
+        return _url_path(getattr(self.e, "response", None))
+
+    @property
+    def transport(self) -> str:
+        return _TRANSPORT.get(type(self.e).__name__, "network failure")
+
+    @property
+    def first_or_type(self) -> str:
+        return self.first or type(self.e).__name__
+
+    @property
+    def card_reason(self) -> str:
+        return _first_line(str(self.e).split("README.md", 1)[-1])
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One row of the mapping: an exception type (and a condition) -> code, message, hint."""
+
+    error: str  # "module:Class" the exception is an instance of (imported only when mapping)
+    code: str
+    message: str  # a str.format template over Facts, as {f.field}
+    hint: str | None = None
+    when: Callable[[Facts], bool] | None = None
+    usage: bool = False  # bad input (a UsageError), not a Hub failure
+    unwrap: bool = False  # map the exception's cause first, if it has a mapping of its own
+
+
+_E = "huggingface_hub.errors:"
+_TRANSPORT = {
+    "ConnectError": "could not connect",
+    "RemoteProtocolError": "the connection was dropped",
+    "ReadError": "the connection broke while reading",
+    "WriteError": "the connection broke while sending",
+    "ProxyError": "the proxy refused the connection",
+}
+_NETWORK_HINT = "check your connection (and HF_ENDPOINT / proxy settings), then try again"
+
+# First matching row wins; subclasses come before their bases (GatedRepoError is a
+# RepositoryNotFoundError, which is an HfHubHTTPError; TimeoutException is a TransportError).
+RULES: tuple[Rule, ...] = (
+    Rule(_E + "HFValidationError", "bad-repo-id", "{f.first}", usage=True),
+    Rule(
+        _E + "OfflineModeIsEnabled",
+        "offline",
+        "cannot {f.action} {f.where}: offline mode is on (HF_HUB_OFFLINE)",
+        "unset HF_HUB_OFFLINE to reach the Hub",
+    ),
+    Rule(
+        _E + "GatedRepoError",
+        "gated",
+        "{f.repo_id} is a gated repo and this account has not been granted access",
+        "accept the conditions on the repo's page, then use that account's token; " + _AUTH_HINT,
+    ),
+    # On https endpoints the client files any 401 on a repo URL under "not found".
+    Rule(
+        _E + "RepositoryNotFoundError",
+        "unauthorized",
+        "cannot {f.action} {f.where}: authentication failed (401, {f.sent})",
+        _AUTH_HINT,
+        when=lambda f: f.status == 401 and f.action in _WRITE_ACTIONS,
+    ),
+    Rule(
+        _E + "RepositoryNotFoundError",
+        "repo-not-found",
+        "repo {f.repo_id} not found on {f.endpoint}, or private and no token was sent (401)",
+        "check the repo id; for a private repo " + _AUTH_HINT,
+        when=lambda f: f.status == 401 and not f.ctx.authenticated,
+    ),
+    Rule(
+        _E + "RepositoryNotFoundError",
+        "repo-not-found",
+        "repo {f.repo_id} not found on {f.endpoint} (or not visible to this token)",
+        "check the repo id and that the token's account can see it",
+    ),
+    Rule(
+        _E + "RevisionNotFoundError",
+        "revision-not-found",
+        "revision '{f.revision}' not found in {f.repo_id}",
+        "use an existing branch, tag or commit (REPO_ID@REVISION)",
+    ),
+    Rule(
+        _E + "RemoteEntryNotFoundError",
+        "file-not-found",
+        "file '{f.filename}' not found in {f.repo_id}@{f.revision}",
+        "list the repo's files on the Hub; pick one with --filename",
+    ),
+    Rule(
+        _E + "LocalEntryNotFoundError",
+        "not-cached",
+        "{f.where} is not in the local cache and the Hub cannot be reached (offline mode)",
+        "pull it once while online, or unset HF_HUB_OFFLINE",
+        unwrap=True,
+    ),
+    Rule(
+        _E + "FileMetadataError",
+        "not-a-hub",
+        "{f.endpoint} did not answer like a Hugging Face Hub for {f.where}",
+        "check HF_ENDPOINT (or --endpoint): it must point to a Hub-compatible server",
+    ),
+    Rule(
+        _E + "HfHubHTTPError",
+        "unauthorized",
+        "cannot {f.action} {f.where}: authentication failed (401, {f.sent}){f.detail}",
+        _AUTH_HINT,
+        when=lambda f: f.status == 401,
+    ),
+    Rule(
+        _E + "HfHubHTTPError",
+        "forbidden",
+        "cannot {f.action} {f.where}: permission denied (403){f.detail}",
+        "use a token with write access to this namespace; " + _AUTH_HINT,
+        when=lambda f: f.status == 403,
+    ),
+    Rule(
+        _E + "HfHubHTTPError",
+        "conflict",
+        "{f.where} changed while pushing (someone else committed)",
+        "run the command again",
+        when=lambda f: f.status == 412,
+    ),
+    Rule(
+        _E + "HfHubHTTPError",
+        "server-error",
+        "the Hub at {f.endpoint} failed with {f.status} {f.reason} while trying to "
+        "{f.action} {f.where}{f.detail} ({f.method} {f.url_path})",
+        "a problem on the Hub's side: try again later (the client already retried "
+        "the requests it can retry)",
+        when=lambda f: f.status >= 500,
+    ),
+    Rule(
+        _E + "HfHubHTTPError",
+        "http-error",
+        "cannot {f.action} {f.where}: the Hub answered {f.status} {f.reason}{f.detail}",
+        "check the repo id, revision and file name",
+    ),
+    Rule(
+        "httpx2:TimeoutException",
+        "network",
+        "timed out trying to {f.action} {f.where} at {f.endpoint}",
+        _NETWORK_HINT,
+    ),
+    Rule(
+        "httpx2:TransportError",
+        "network",
+        "{f.transport} trying to {f.action} {f.where} at {f.endpoint} ({f.first_or_type})",
+        _NETWORK_HINT + "; the client retries idempotent requests before giving up",
+    ),
+    # hf_xet (Rust) reports transfer failures as ConnectionError.
+    Rule(
+        "builtins:ConnectionError",
+        "network",
+        "transfer failed trying to {f.action} {f.where}: {f.first}",
+        "check your connection and try again; for a Hub without Xet storage "
+        "set HF_HUB_DISABLE_XET=1",
+    ),
+    Rule(
+        "builtins:ValueError",
+        "invalid-card",
+        "the Hub rejected the model card of {f.where}: {f.card_reason}",
+        "check --base-model is a Hub model id",
+        when=lambda f: "Invalid metadata in README.md" in str(f.e),
+    ),
+)
+
+
+def map_error(e: BaseException, ctx: CallContext) -> LoratoolError | None:
+    """The first row of ``RULES`` that ``e`` matches, as an error; None for an unknown one."""
+    resp = getattr(e, "response", None) if isinstance(e, _cls(_E + "HfHubHTTPError")) else None
+    status = resp.status_code if resp is not None else 0
+    facts = Facts(e, ctx, status)
+    for rule in RULES:
+        if not isinstance(e, _cls(rule.error)) or (rule.when is not None and not rule.when(facts)):
+            continue
+        if rule.unwrap:
+            cause = e.__cause__ or e.__context__
+            if cause is not None and not isinstance(cause, _cls(_E + "OfflineModeIsEnabled")):
+                inner = map_error(cause, ctx)
+                if inner is not None:
+                    return inner
+        message = rule.message.format(f=facts)
+        if rule.usage:
+            return UsageError(message, code=rule.code, hint=rule.hint)
+        return HubError(message, code=rule.code, hint=rule.hint)
     return None
+
+
+@functools.cache
+def _cls(spec: str) -> type:
+    """The class a "module:Class" spec names (huggingface_hub and httpx2 load on first use)."""
+    module, _, name = spec.partition(":")
+    cls: type = getattr(importlib.import_module(module), name)
+    return cls
 
 
 def _reason(status: int) -> str:
