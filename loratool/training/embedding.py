@@ -1,12 +1,11 @@
-"""Contrastive LoRA training of sentence encoders: InfoNCE over in-batch and hard negatives.
+"""The embedding trainer: contrastive LoRA training of sentence encoders on query/passage pairs.
 
 ``train_embedding(config, temperature=...)`` is ``loratool train --task embedding``. It takes the
-same ``TrainConfig`` as the causal-LM trainer and reuses its machinery: LoRA injection
-(``loratool.lora``), the learning-rate schedule, devices and precision (``loop``), checkpoints in
-the same atomic, pickle-free layout (``state``), the same ``TrainEvent`` progress, metrics lines
-and ``TrainResult``. What differs is the data (``{"query", "positive"[, "negative"]}`` pairs,
-read by ``loratool.retrieval``), the forward (the encoder's sentence-transformers pooling and
-normalisation) and the loss:
+same ``TrainConfig`` as the causal-LM trainer and shares its run (``session``: LoRA injection,
+the learning-rate schedule, metrics lines, events, checkpoints in the same atomic, pickle-free
+layout, resume). What differs is the data (``{"query", "positive"[, "negative"]}`` pairs, read
+by ``loratool.retrieval``), the forward (the encoder's sentence-transformers pooling and
+normalisation) and the loss (``contrastive``):
 
     L = −1/B · Σᵢ log softmax_j( sim(qᵢ, cⱼ) / τ )[j = i],   c = positives ∥ hard negatives
 
@@ -16,13 +15,8 @@ that are the same text as query i's positive, or another row's positive for the 
 text, are masked: they are not negatives, only duplicates.
 
 One optimizer step contrasts ``batch_size × grad_accum`` pairs. With ``grad_accum > 1`` the step
-is computed in micro-batches of ``batch_size`` sentences with gradient caching (Gao et al. 2021,
-"Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"; sentence-transformers'
-CachedMultipleNegativesRankingLoss): embeddings of the whole step are computed without a graph,
-the loss and its gradient with respect to them are taken on the full batch, then each
-micro-batch is re-run with its RNG state restored and back-propagates its slice of that gradient.
-The result equals one big batch (the pool of negatives does not shrink) at the memory cost of
-one micro-batch and one extra forward pass.
+is computed in micro-batches of ``batch_size`` sentences with gradient caching, which equals one
+big batch at the memory cost of one micro-batch and one extra forward pass.
 
 The frozen encoder stays fp32; under bf16 (``--dtype auto`` on AMX/AVX512-BF16 CPUs and CUDA) the
 matmuls run under autocast. One process only: in-batch negatives across processes would need
@@ -31,28 +25,38 @@ an all-gather of embeddings, which this trainer does not do (it says so under to
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from .. import lora
 from .. import retrieval as R
-from .._io import check_output
 from ..adapter import Adapter
-from ..errors import TrainingError, UsageError
+from ..errors import UsageError
 from . import data as D
 from . import state as S
 from .config import TrainConfig
-from .loop import Dist, OnEvent, TrainEvent, TrainResult, lr_factor, resolve_device, resolve_dtype
+from .contrastive import Chunk, PairPlan, cached_backward, duplicates, holdout, info_nce
+from .events import OnEvent, StepStats, TrainEvent, TrainResult, write_line
+from .runtime import Dist, autocast, dtype_name, library_versions, resolve_device, resolve_dtype
+from .session import Session
+
+__all__ = [
+    "DEFAULT_TEMPERATURE",
+    "EMBEDDING_DEFAULTS",
+    "PairPlan",
+    "duplicates",
+    "embedding_config",
+    "holdout",
+    "info_nce",
+    "train_embedding",
+]
 
 TASK = "embedding"
 DEFAULT_TEMPERATURE = 0.05  # sentence-transformers' MultipleNegativesRankingLoss scale = 20
@@ -66,110 +70,24 @@ EMBEDDING_DEFAULTS: dict[str, Any] = {
     "lr": 1e-4,
     "warmup": 0.1,
 }
-# Settings a resumed run must share with its checkpoint (besides the data and the batch size).
 # Texts per forward pass: length-sorted groups this small waste little on padding, and rows
 # enough keep the CPU's matmuls efficient. With --grad-accum > 1 also at most --batch-size.
 CHUNK_ROWS = 16
+# Settings a resumed run must share with its checkpoint (besides the data and the batch size).
 FIXED_ON_RESUME = ("targets", "rank", "alpha", "rslora", "seed", "seq_len", "temperature")
+RESUME_RULES = S.ResumeRules(
+    fixed=FIXED_ON_RESUME,
+    task=TASK,
+    batches="{old} pairs a step over {old_n}; now {new} over {new_n}",
+    batches_hint="resume with the same --batch-size × --grad-accum and --eval-split",
+    settings_hint=None,
+)
 
 
-# -- the loss ------------------------------------------------------------------------------------
+class _EmbeddingTrainer(Session):
+    save_last: ClassVar[bool] = False
+    resume_rules: ClassVar[S.ResumeRules] = RESUME_RULES
 
-
-def info_nce(
-    queries: torch.Tensor,
-    candidates: torch.Tensor,
-    *,
-    temperature: float,
-    config: R.SentenceConfig,
-    duplicate: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Mean InfoNCE of ``queries`` [B, d] against ``candidates`` [B + N, d]; row i's positive is i.
-
-    ``duplicate`` [B, B + N] marks candidates that are not negatives of row i (masked out).
-    Computed in fp32 whatever the embeddings' dtype.
-    """
-    scores = R.similarity(queries.float(), candidates.float(), config) / temperature
-    if duplicate is not None:
-        scores = scores.masked_fill(duplicate, float("-inf"))
-    labels = torch.arange(queries.shape[0], device=scores.device)
-    return F.cross_entropy(scores, labels)
-
-
-def duplicates(rows: Sequence[R.Pair], candidates: Sequence[str]) -> torch.Tensor:
-    """[B, len(candidates)] True where candidate j is no negative of row i (j ≠ i).
-
-    Candidate j duplicates row i when its text is row i's positive, or when it is the positive
-    of another row with the same query (both are then relevant to that query).
-    """
-    b = len(rows)
-    mask = torch.zeros(b, len(candidates), dtype=torch.bool)
-    by_text: dict[str, list[int]] = {}
-    for j, text in enumerate(candidates):
-        by_text.setdefault(text, []).append(j)
-    by_query: dict[str, list[int]] = {}
-    for i, row in enumerate(rows):
-        by_query.setdefault(row.query, []).append(i)
-    for i, row in enumerate(rows):
-        for j in by_text.get(row.positive, []):
-            mask[i, j] = j != i
-        for j in by_query[row.query]:
-            if j != i:
-                mask[i, j] = True
-    return mask
-
-
-# -- batches -------------------------------------------------------------------------------------
-
-
-class PairPlan:
-    """Which pairs every step takes: a seeded permutation per epoch, ``global_rows`` at a time.
-
-    The permutation is the causal-LM trainer's (same seed formula), so the position in the data
-    is a pure function of the step and resuming needs no cursor. The last incomplete batch of an
-    epoch is dropped: a small batch is an easy, noisy contrastive problem, and the next epoch's
-    order covers those pairs.
-    """
-
-    def __init__(self, n: int, global_rows: int, seed: int) -> None:
-        self.n = n
-        self.global_rows = min(global_rows, n)
-        self.steps_per_epoch = max(1, n // self.global_rows)
-        self.seed = seed
-        self._order: tuple[int, list[int]] | None = None
-
-    def order(self, epoch: int) -> list[int]:
-        if self._order is None or self._order[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._order = (epoch, torch.randperm(self.n, generator=g).tolist())
-        return self._order[1]
-
-    def rows(self, step: int) -> list[int]:
-        epoch, i = divmod(step, self.steps_per_epoch)
-        return self.order(epoch)[i * self.global_rows : (i + 1) * self.global_rows]
-
-
-def holdout(pairs: list[R.Pair], fraction: float, seed: int) -> tuple[list[R.Pair], list[R.Pair]]:
-    """The causal-LM trainer's seeded ``--eval-split`` on pairs."""
-    train, held = D.holdout(cast("list[Any]", pairs), fraction, seed)
-    return cast("list[R.Pair]", train), cast("list[R.Pair]", held)
-
-
-# -- the run -------------------------------------------------------------------------------------
-
-
-def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
-class _EmbeddingTrainer:
     def __init__(
         self,
         config: TrainConfig,
@@ -177,14 +95,9 @@ class _EmbeddingTrainer:
         on_event: OnEvent | None,
         should_stop: Callable[[], bool] | None,
     ) -> None:
-        self.config = config
+        super().__init__(config, on_event, should_stop, Dist())
         self.temperature = temperature
-        self.on_event = on_event
-        self.should_stop = should_stop or (lambda: False)
-
-    def emit(self, event: TrainEvent) -> None:
-        if self.on_event is not None:
-            self.on_event(event)
+        self.eval_result: tuple[float, R.RetrievalMetrics] | None = None
 
     def hyperparameters(self) -> dict[str, Any]:
         hp = self.config.hyperparameters()
@@ -192,40 +105,22 @@ class _EmbeddingTrainer:
         hp["temperature"] = self.temperature
         return dict(sorted(hp.items()))
 
-    # -- setup ---------------------------------------------------------------------------------
+    # -- set-up ----------------------------------------------------------------------------------
 
-    def run(self) -> TrainResult:
+    def prepare(self) -> None:
         c = self.config
-        output = Path(c.output)
-        check_output(output, force=c.force)
-        root = c.checkpoint_root()
-        saved = self._find_resume(root)
-        if saved is None and S.list_checkpoints(root):
-            if not c.force:
-                raise UsageError(
-                    f"checkpoints of an earlier run are in '{root}'",
-                    code="output-exists",
-                    hint="pass --resume to continue that run, or --force to start over",
-                )
-            S.remove_all(root)
-        if c.metrics and saved is None:
-            check_output(c.metrics, force=c.force)
-
-        device = resolve_device(c.device, Dist())
-        dtype = resolve_dtype(c.dtype, device)
-        self.device, self.dtype = device, dtype
-
+        self.device = resolve_device(c.device, self.dist)
+        self.dtype = resolve_dtype(c.dtype, self.device)
         # Data first: a bad line should fail in a second, before the model loads.
-        pairs = R.read_pairs(c.data)
-        eval_pairs: list[R.Pair] = []
+        self.pairs = R.read_pairs(c.data)
+        self.eval_pairs: list[R.Pair] = []
         if c.eval_data:
-            eval_pairs = R.read_pairs(c.eval_data)
+            self.eval_pairs = R.read_pairs(c.eval_data)
         elif c.eval_split:
-            pairs, eval_pairs = holdout(pairs, c.eval_split, c.seed)
+            self.pairs, self.eval_pairs = holdout(self.pairs, c.eval_split, c.seed)
 
-        encoder = R.load_encoder(c.model, device=device, revision=c.revision)
-        self.encoder = encoder
-        self.seq_len = min(c.seq_len, encoder.max_length)
+        self.encoder = R.load_encoder(c.model, device=self.device, revision=c.revision)
+        self.seq_len = min(c.seq_len, self.encoder.max_length)
         if self.seq_len < c.seq_len:
             self.emit(
                 TrainEvent(
@@ -234,84 +129,36 @@ class _EmbeddingTrainer:
                     f"using {self.seq_len}",
                 )
             )
-        self._warn_truncated(pairs)
+        self._warn_truncated(self.pairs)
+        self.setup_lora(self.encoder.model)
 
-        torch.manual_seed(c.seed)  # the LoRA init
-        report = lora.inject(
-            encoder.model,
-            targets=c.targets,
-            rank=c.rank,
-            alpha=c.lora_alpha,
-            dropout=c.dropout,
-            rslora=c.rslora,
-        )
-        self.emit(
-            TrainEvent("info", message=f"LoRA on {len(report.modules)} modules: {report.summary()}")
-        )
-        if c.grad_checkpointing:
-            enable = getattr(encoder.model, "gradient_checkpointing_enable", None)
-            if not callable(enable) or not getattr(
-                encoder.model, "supports_gradient_checkpointing", False
-            ):
-                raise UsageError(
-                    f"{type(encoder.model).__name__} does not support gradient checkpointing",
-                    code="bad-value",
-                )
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        encoder.model.train()
-        params = lora.lora_parameters(encoder.model)
-        self.names, self.params = list(params), list(params.values())
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.999), eps=1e-8
-        )
-
-        plan = PairPlan(len(pairs), c.batch_size * c.grad_accum, c.seed)
-        if plan.global_rows < c.batch_size * c.grad_accum:
-            self.emit(
-                TrainEvent(
-                    "warning",
-                    message=f"only {len(pairs)} pairs: every step contrasts all of them "
-                    f"(not --batch-size × --grad-accum = {c.batch_size * c.grad_accum})",
-                )
+        wanted = c.batch_size * c.grad_accum
+        self.plan = PairPlan(len(self.pairs), wanted, c.seed)
+        if self.plan.global_rows < wanted:
+            self.warn(
+                f"only {len(self.pairs)} pairs: every step contrasts all of them "
+                f"(not --batch-size × --grad-accum = {wanted})"
             )
-        total = c.max_steps or max(1, math.ceil(c.epochs * plan.steps_per_epoch))
-        warmup = int(c.warmup) if c.warmup >= 1 else math.ceil(c.warmup * total)
-        data_sha = D.file_sha256(c.data)
-        eval_sha = D.file_sha256(c.eval_data) if c.eval_data else None
+        self.set_length(self.plan.steps_per_epoch)
         self.meta = {
             "task": TASK,
-            "data_sha256": data_sha,
-            "eval_sha256": eval_sha,
-            "num_rows": len(pairs),
-            "global_rows": plan.global_rows,
+            "data_sha256": D.file_sha256(c.data),
+            "eval_sha256": D.file_sha256(c.eval_data) if c.eval_data else None,
+            "num_rows": len(self.pairs),
+            "global_rows": self.plan.global_rows,
             "world_size": 1,
             "hyperparameters": self.hyperparameters(),
-            "dtype": _precision(dtype),
+            "dtype": dtype_name(self.dtype),
         }
 
-        step, tokens, elapsed0 = 0, 0, 0.0
-        losses: list[float] = []
-        if saved is not None:
-            step, tokens, elapsed0, losses = self._restore(saved, data_sha, plan)
-            self.emit(TrainEvent("info", message=f"resumed from {saved.path} at step {step}"))
-
-        negatives = sum(len(p.negatives) for p in pairs)
-        self.emit(
-            TrainEvent(
-                "start",
-                step=step,
-                total_steps=total,
-                message=(
-                    f"{len(pairs)} pairs"
-                    + (f" with {negatives} hard negatives" if negatives else "")
-                    + f", {plan.global_rows} pairs a step, {plan.steps_per_epoch} steps per "
-                    f"epoch, {total} steps, ≤{self.seq_len} tokens a text, "
-                    f"{_precision(dtype)} on {device}"
-                ),
-            )
-        )
-        return self._loop(
-            pairs, eval_pairs, plan, total, warmup, step, tokens, elapsed0, losses, root, saved
+    def start_message(self) -> str:
+        negatives = sum(len(p.negatives) for p in self.pairs)
+        return (
+            f"{len(self.pairs)} pairs"
+            + (f" with {negatives} hard negatives" if negatives else "")
+            + f", {self.plan.global_rows} pairs a step, {self.plan.steps_per_epoch} steps per "
+            f"epoch, {self.total} steps, ≤{self.seq_len} tokens a text, "
+            f"{dtype_name(self.dtype)} on {self.device}"
         )
 
     def _warn_truncated(self, pairs: list[R.Pair]) -> None:
@@ -320,161 +167,15 @@ class _EmbeddingTrainer:
         ids = self.encoder.tokenizer(texts, truncation=False, verbose=False)["input_ids"]
         lines = sorted({line for line, x in zip(owners, ids, strict=True) if len(x) > self.seq_len})
         if lines:
-            self.emit(
-                TrainEvent(
-                    "warning",
-                    message=f"{len(lines)} pairs have texts longer than {self.seq_len} tokens; "
-                    f"they are truncated, as sentence-transformers does (lines "
-                    f"{D.line_ranges(lines[:50])}{', ...' if len(lines) > 50 else ''})",
-                )
+            self.warn(
+                f"{len(lines)} pairs have texts longer than {self.seq_len} tokens; "
+                f"they are truncated, as sentence-transformers does (lines "
+                f"{D.line_ranges(lines[:50])}{', ...' if len(lines) > 50 else ''})"
             )
 
-    # -- the loop ------------------------------------------------------------------------------
+    # -- one step --------------------------------------------------------------------------------
 
-    def _loop(
-        self,
-        pairs: list[R.Pair],
-        eval_pairs: list[R.Pair],
-        plan: PairPlan,
-        total: int,
-        warmup: int,
-        step: int,
-        tokens: int,
-        elapsed0: float,
-        losses: list[float],
-        root: Path,
-        saved: S.Saved | None,
-    ) -> TrainResult:
-        c = self.config
-        metrics: IO[str] | None = None
-        if c.metrics:
-            metrics = open(c.metrics, "a" if saved is not None else "w", encoding="utf-8")  # noqa: SIM115
-        last_ckpt = S.latest(root)
-        eval_result: tuple[float, R.RetrievalMetrics] | None = None
-        start = time.perf_counter()
-        start_tokens, first_step = tokens, step
-        interrupted = False
-        try:
-            while step < total:
-                lr = c.lr * lr_factor(step, schedule=c.schedule, warmup=warmup, total=total)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                rows = [pairs[i] for i in plan.rows(step)]
-                loss, n_tokens, grad_norm = self._step(rows, step)
-                step += 1
-                tokens += n_tokens
-                losses.append(loss)
-                elapsed = elapsed0 + time.perf_counter() - start
-                run_s = time.perf_counter() - start
-                tps = (tokens - start_tokens) / run_s if run_s > 0 else None
-                eta = run_s / (step - first_step) * (total - step)
-                row = {
-                    "step": step,
-                    "loss": loss,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens": tokens,
-                    "epoch": round(step / plan.steps_per_epoch, 4),
-                    "elapsed_s": round(elapsed, 3),
-                    "tokens_per_s": None if tps is None else round(tps, 1),
-                }
-                if metrics is not None:
-                    metrics.write(json.dumps(row) + "\n")
-                    metrics.flush()
-                self.emit(
-                    TrainEvent(
-                        "step",
-                        step=step,
-                        total_steps=total,
-                        loss=loss,
-                        lr=lr,
-                        grad_norm=grad_norm,
-                        tokens=tokens,
-                        tokens_per_s=tps,
-                        elapsed_s=elapsed,
-                        eta_s=eta,
-                    )
-                )
-                if eval_pairs and c.eval_every and step % c.eval_every == 0 and step < total:
-                    eval_result = self._evaluate(eval_pairs, step, total, metrics)
-                stop = self.should_stop()
-                if stop or (c.save_every and step % c.save_every == 0 and step < total):
-                    last_ckpt = self._save(root, step, tokens, elapsed, losses)
-                if stop:
-                    interrupted = True
-                    break
-        except KeyboardInterrupt:
-            # Only without the command's signal handler (library use): the step in flight is
-            # dropped, the state of the last completed step is saved.
-            if step == 0:
-                raise
-            self.optimizer.zero_grad(set_to_none=True)
-            elapsed = elapsed0 + time.perf_counter() - start
-            last_ckpt = self._save(root, step, tokens, elapsed, losses)
-            interrupted = True
-        except TrainingError as e:
-            if e.code == "non-finite-loss":
-                e.hint = (
-                    f"the last good checkpoint is {last_ckpt}; resume from it with a lower "
-                    "--lr (or --max-grad-norm)"
-                    if last_ckpt
-                    else "no checkpoint was saved before it (see --save-every); try a lower --lr"
-                )
-            raise
-        finally:
-            if metrics is not None and (interrupted or step < total):
-                metrics.close()
-                metrics = None
-
-        final = losses[-1] if losses else None
-        if interrupted:
-            return TrainResult(
-                None,
-                step,
-                total,
-                final,
-                None,
-                tokens,
-                interrupted=True,
-                checkpoint=last_ckpt,
-                losses=losses,
-            )
-        try:
-            if eval_pairs:
-                eval_result = self._evaluate(eval_pairs, step, total, metrics)
-        finally:
-            if metrics is not None:
-                metrics.close()
-        adapter = self._adapter(step, tokens, losses, eval_result, plan, len(pairs), eval_pairs)
-        adapter.save(c.output, force=c.force)
-        self.emit(
-            TrainEvent(
-                "done",
-                step=step,
-                total_steps=total,
-                loss=final,
-                tokens=tokens,
-                eval_loss=eval_result[0] if eval_result else None,
-                path=str(c.output),
-            )
-        )
-        return TrainResult(
-            Path(c.output),
-            step,
-            total,
-            final,
-            eval_result[0] if eval_result else None,
-            tokens,
-            adapter=adapter,
-            losses=losses,
-        )
-
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.dtype == torch.bfloat16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _chunks(self, texts: Sequence[str]) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+    def _chunks(self, texts: Sequence[str]) -> list[Chunk]:
         """``texts`` as padded micro-batches of similar length: (indices into texts, batch).
 
         Each text's embedding depends only on its own tokens (the attention and pooling masks
@@ -493,11 +194,12 @@ class _EmbeddingTrainer:
         return out
 
     def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with self._autocast():
+        with autocast(self.device, self.dtype):
             return self.encoder.embed(batch).float()
 
-    def _step(self, rows: list[R.Pair], step: int) -> tuple[float, int, float]:
-        """One optimizer step on ``rows``: (loss, non-padding tokens, gradient norm before clipping)."""
+    def train_step(self) -> StepStats:
+        """One optimizer step on the step's pairs."""
+        rows = [self.pairs[i] for i in self.plan.rows(self.step)]
         queries = [r.query for r in rows]
         candidates = [r.positive for r in rows] + [n for r in rows for n in r.negatives]
         texts = queries + candidates
@@ -521,54 +223,19 @@ class _EmbeddingTrainer:
             loss = loss_of(torch.cat([self._forward(batch) for _, batch in chunks]))
             loss.backward()
         else:
-            loss = self._cached_backward(chunks, loss_of)
+            loss = cached_backward(chunks, self._forward, loss_of, self.device)
         value = float(loss.detach())
-        if not math.isfinite(value):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingError(
-                f"the loss became {value} at step {step + 1}; stopping", code="non-finite-loss"
-            )
-        clip = self.config.max_grad_norm or float("inf")
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
-        if not math.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise TrainingError(
-                f"the gradient became {norm} at step {step + 1}; stopping", code="non-finite-loss"
-            )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return value, n_tokens, norm
+        return StepStats(value, n_tokens, self.clip_and_step(value))
 
-    def _cached_backward(
-        self,
-        chunks: list[tuple[list[int], dict[str, torch.Tensor]]],
-        loss_of: Callable[[torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
-        """The step's loss, back-propagated one micro-batch at a time (GradCache)."""
-        states, reps = [], []
-        with torch.no_grad():
-            for _, batch in chunks:
-                states.append(_rng_state(self.device))  # dropout must draw the same twice
-                reps.append(self._forward(batch))
-        after = _rng_state(self.device)
-        cached = torch.cat(reps).requires_grad_()
-        loss = loss_of(cached)
-        loss.backward()
-        assert cached.grad is not None
-        grads = cached.grad.split([len(idx) for idx, _ in chunks])
-        for (_, batch), state, grad in zip(chunks, states, grads, strict=True):
-            _set_rng(state, self.device)
-            # d loss/d params = Σ (d loss/d embedding) · (d embedding/d params): a surrogate.
-            torch.sum(self._forward(batch) * grad).backward()
-        _set_rng(after, self.device)
-        return loss.detach()
+    # -- evaluation ------------------------------------------------------------------------------
 
-    # -- evaluation ----------------------------------------------------------------------------
+    @property
+    def has_eval(self) -> bool:
+        return bool(self.eval_pairs)
 
-    def _evaluate(
-        self, pairs: list[R.Pair], step: int, total: int, metrics: IO[str] | None
-    ) -> tuple[float, R.RetrievalMetrics]:
+    def evaluate(self, metrics: IO[str] | None) -> float:
         """Full-corpus InfoNCE loss and retrieval metrics on held-out pairs (fp32, no dropout)."""
+        pairs, step = self.eval_pairs, self.step
         corpus, relevant = R.corpus_of(pairs)
         enc = self.encoder
         q = R.encode(enc, [p.query for p in pairs], batch_size=64, max_length=self.seq_len)
@@ -579,9 +246,8 @@ class _EmbeddingTrainer:
         if metrics is not None:
             doc = {"step": step, "eval_loss": loss}
             doc.update({f"eval_{k}": v for k, v in result.to_json().items()})
-            metrics.write(json.dumps(doc) + "\n")
-            metrics.flush()
-        self.emit(TrainEvent("eval", step=step, total_steps=total, eval_loss=loss))
+            write_line(metrics, doc)
+        self.emit(TrainEvent("eval", step=step, total_steps=self.total, eval_loss=loss))
         self.emit(
             TrainEvent(
                 "info",
@@ -591,134 +257,51 @@ class _EmbeddingTrainer:
                 f"({result.queries} queries, {result.corpus} passages)",
             )
         )
-        return loss, result
+        self.eval_result = (loss, result)
+        return loss
 
-    # -- checkpoints ---------------------------------------------------------------------------
+    # -- the result ------------------------------------------------------------------------------
 
-    def _save(
-        self, root: Path, step: int, tokens: int, elapsed: float, losses: list[float]
-    ) -> Path:
-        opt: dict[str, torch.Tensor] = {}
-        for name, p in zip(self.names, self.params, strict=True):
-            st = self.optimizer.state.get(p, {})
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in st:
-                    opt[f"{name}.{key}"] = st[key].detach().cpu()
-            if "step" in st:
-                opt[f"{name}.step"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(1)
-        rng = {"rank0.cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["rank0.cuda"] = torch.cuda.get_rng_state(self.device)
-        path = S.save(
-            root,
-            step=step,
-            adapter=lora.extract_adapter(
-                self.encoder.model, hub_id=lora.hub_id_for(self.config.model)
-            ),
-            optimizer=opt,
-            rng=rng,
-            keep=self.config.keep_checkpoints,
-            state={**self.meta, "tokens": tokens, "elapsed_s": elapsed, "losses": losses},
-        )
-        self.emit(TrainEvent("checkpoint", step=step, path=str(path)))
-        return path
-
-    def _find_resume(self, root: Path) -> S.Saved | None:
+    def finish(self, interrupted: bool) -> TrainResult:
         c = self.config
-        if not c.resume:
-            return None
-        if c.resume == "latest":
-            path = S.latest(root)
-            if path is None:
-                raise TrainingError(
-                    f"no checkpoint to resume in '{root}'",
-                    code="no-checkpoint",
-                    hint="run without --resume, or pass a checkpoint directory",
-                )
-        else:
-            path = Path(c.resume)
-            if path.is_dir() and not (path / "state.json").exists():
-                found = S.latest(path)  # the folder holding step-N directories
-                if found is not None:
-                    path = found
-        return S.load(path)
-
-    def _restore(
-        self, saved: S.Saved, data_sha: str, plan: PairPlan
-    ) -> tuple[int, int, float, list[float]]:
-        st, where = saved.state, str(saved.path)
-        if st.get("task") != TASK:
-            raise TrainingError(
-                "the checkpoint is from a causal-LM run, not --task embedding",
-                code="resume-mismatch",
-                where=where,
+        final = self.losses[-1] if self.losses else None
+        if interrupted:
+            return TrainResult(
+                None,
+                self.step,
+                self.total,
+                final,
+                None,
+                self.tokens,
+                interrupted=True,
+                checkpoint=self.last_ckpt,
+                losses=self.losses,
             )
-        if st.get("data_sha256") != data_sha:
-            raise TrainingError(
-                "the data file differs from the one this checkpoint trained on",
-                code="resume-mismatch",
-                where=where,
+        adapter = self._adapter()
+        adapter.save(c.output, force=c.force)
+        self.emit(
+            TrainEvent(
+                "done",
+                step=self.step,
+                total_steps=self.total,
+                loss=final,
+                tokens=self.tokens,
+                eval_loss=self.eval_loss,
+                path=str(c.output),
             )
-        if st.get("num_rows") != plan.n or st.get("global_rows") != plan.global_rows:
-            raise TrainingError(
-                f"the batches differ from the checkpoint's ({st.get('global_rows')} pairs a step "
-                f"over {st.get('num_rows')}; now {plan.global_rows} over {plan.n})",
-                code="resume-mismatch",
-                where=where,
-                hint="resume with the same --batch-size × --grad-accum and --eval-split",
-            )
-        old, now = st.get("hyperparameters", {}), self.hyperparameters()
-        bad = [k for k in FIXED_ON_RESUME if old.get(k) != now.get(k)]
-        if bad:
-            raise TrainingError(
-                f"the checkpoint was trained with other {', '.join(bad)}",
-                code="resume-mismatch",
-                where=where,
-            )
-        changed = [k for k in now if k not in FIXED_ON_RESUME and old.get(k) != now.get(k)]
-        if changed:
-            self.emit(TrainEvent("warning", message=f"resuming with changed {', '.join(changed)}"))
-        with torch.no_grad():
-            for name, p in zip(self.names, self.params, strict=True):
-                if name not in saved.factors:
-                    raise TrainingError(
-                        f"the checkpoint has no '{name}'", code="resume-mismatch", where=where
-                    )
-                p.copy_(saved.factors[name].to(p.device, p.dtype))
-        for name, p in zip(self.names, self.params, strict=True):
-            if f"{name}.exp_avg" in saved.optimizer:
-                self.optimizer.state[p] = {
-                    "step": saved.optimizer[f"{name}.step"].reshape(()).clone(),
-                    "exp_avg": saved.optimizer[f"{name}.exp_avg"].to(p.device),
-                    "exp_avg_sq": saved.optimizer[f"{name}.exp_avg_sq"].to(p.device),
-                }
-        if "rank0.cpu" in saved.rng:
-            torch.set_rng_state(saved.rng["rank0.cpu"])
-        if self.device.type == "cuda" and "rank0.cuda" in saved.rng:
-            torch.cuda.set_rng_state(saved.rng["rank0.cuda"], self.device)
-        return (
-            int(st["step"]),
-            int(st.get("tokens", 0)),
-            float(st.get("elapsed_s", 0.0)),
-            [float(x) for x in st.get("losses", [])],
+        )
+        return TrainResult(
+            Path(c.output),
+            self.step,
+            self.total,
+            final,
+            self.eval_loss,
+            self.tokens,
+            adapter=adapter,
+            losses=self.losses,
         )
 
-    # -- the adapter ---------------------------------------------------------------------------
-
-    def _adapter(
-        self,
-        step: int,
-        tokens: int,
-        losses: list[float],
-        eval_result: tuple[float, R.RetrievalMetrics] | None,
-        plan: PairPlan,
-        n_pairs: int,
-        eval_pairs: list[R.Pair],
-    ) -> Adapter:
-        import transformers
-
-        from .. import __version__
-
+    def _adapter(self) -> Adapter:
         c = self.config
         hub_id = lora.hub_id_for(c.model)
         training: dict[str, Any] = {
@@ -726,40 +309,32 @@ class _EmbeddingTrainer:
             "base_model": hub_id or Path(c.model).name,
             "data": {
                 "file": Path(c.data).name,
-                "sha256": D.file_sha256(c.data),
-                "pairs": n_pairs,
+                "sha256": self.meta["data_sha256"],
+                "pairs": len(self.pairs),
             },
             "hyperparameters": self.hyperparameters(),
             "sentence_config": self.encoder.config.to_json(),
-            "steps": step,
-            "epochs": round(step / plan.steps_per_epoch, 4),
-            "final_loss": losses[-1] if losses else None,
-            "tokens": tokens,
-            "precision": _precision(self.dtype),
+            "steps": self.step,
+            "epochs": round(self.step / self.plan.steps_per_epoch, 4),
+            "final_loss": self.losses[-1] if self.losses else None,
+            "tokens": self.tokens,
+            "precision": dtype_name(self.dtype),
             "processes": 1,
-            "versions": {
-                "loratool": __version__,
-                "torch": torch.__version__.split("+")[0],
-                "transformers": transformers.__version__,
-            },
+            "versions": library_versions(),
         }
-        if eval_result is not None:
-            loss, result = eval_result
+        if self.eval_result is not None:
+            loss, result = self.eval_result
             training["eval"] = {
                 "loss": loss,
                 **result.to_json(),
                 "file": Path(c.eval_data).name if c.eval_data else None,
-                "sha256": D.file_sha256(c.eval_data) if c.eval_data else None,
-                "pairs": len(eval_pairs),
+                "sha256": self.meta["eval_sha256"],
+                "pairs": len(self.eval_pairs),
             }
-        revision = getattr(self.encoder.model.config, "_commit_hash", None) if hub_id else None
+        revision = getattr(self.model.config, "_commit_hash", None) if hub_id else None
         return lora.extract_adapter(
-            self.encoder.model, hub_id=hub_id, revision=revision, provenance={"training": training}
+            self.model, hub_id=hub_id, revision=revision, provenance={"training": training}
         )
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "bf16" if dtype == torch.bfloat16 else "f32"
 
 
 def embedding_config(**settings: Any) -> TrainConfig:

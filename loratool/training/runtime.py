@@ -183,3 +183,29 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     if dtype == torch.bfloat16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def enable_checkpointing(model: Any) -> None:
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UsageError(
+            f"{type(model).__name__} does not support gradient checkpointing", code="bad-value"
+        )
+    # Non-reentrant: works with frozen inputs, no enable_input_require_grads hack needed.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def library_versions() -> dict[str, str]:
+    """The versions a trained adapter records in provenance["training"]["versions"]."""
+    import transformers
+
+    from .. import __version__
+
+    return {
+        "loratool": __version__,
+        "torch": torch.__version__.split("+")[0],
+        "transformers": transformers.__version__,
+    }

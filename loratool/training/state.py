@@ -170,14 +170,58 @@ def restore(
             }
 
 
+def find_resume(resume: str | None, root: Path) -> Saved | None:
+    """The checkpoint ``--resume`` names: "latest" in ``root``, a step-N directory, or its folder."""
+    if not resume:
+        return None
+    if resume == "latest":
+        path = latest(root)
+        if path is None:
+            raise TrainingError(
+                f"no checkpoint to resume in '{root}'",
+                code="no-checkpoint",
+                hint="run without --resume, or pass a checkpoint directory",
+            )
+    else:
+        path = Path(resume)
+        if path.is_dir() and not (path / "state.json").exists():
+            path = latest(path) or path  # the folder that holds step-N directories
+    return load(path)
+
+
 # Settings that change what the saved state means; the others (lr, schedule, steps...) may change.
 FIXED = ("targets", "rank", "alpha", "rslora", "seed", "seq_len", "packing")
 
 
-def check_resumable(saved: Saved, now: dict[str, Any]) -> list[str]:
+@dataclass(frozen=True)
+class ResumeRules:
+    """What a trainer's checkpoint must share with the run that resumes it, and how to say so.
+
+    ``batches`` is formatted with the checkpoint's and this run's rows a step and row counts.
+    """
+
+    fixed: tuple[str, ...] = FIXED
+    task: str | None = None  # checkpoints of this task record it; None: the causal-LM trainer's
+    batches: str = "{old} rows a step over {old_n} rows; now {new} over {new_n}"
+    batches_hint: str = (
+        "resume with the same --batch-size × --grad-accum × processes, --seq-len and --packing"
+    )
+    settings_hint: str | None = "resume with the settings it was trained with"
+
+
+CAUSAL_LM = ResumeRules()
+
+
+def check_resumable(saved: Saved, now: dict[str, Any], rules: ResumeRules = CAUSAL_LM) -> list[str]:
     """Raise TrainingError unless ``now`` (data hashes, batch plan, hyper-parameters) can resume
     ``saved``; return the hyper-parameters that changed harmlessly."""
     st, where = saved.state, str(saved.path)
+    if rules.task is not None and st.get("task") != rules.task:
+        raise TrainingError(
+            f"the checkpoint is from a causal-LM run, not --task {rules.task}",
+            code="resume-mismatch",
+            where=where,
+        )
     if st.get("data_sha256") != now["data_sha256"]:
         raise TrainingError(
             "the data file differs from the one this checkpoint trained on",
@@ -185,21 +229,25 @@ def check_resumable(saved: Saved, now: dict[str, Any]) -> list[str]:
             where=where,
         )
     if (st.get("num_rows"), st.get("global_rows")) != (now["num_rows"], now["global_rows"]):
+        shown = rules.batches.format(
+            old=st.get("global_rows"),
+            old_n=st.get("num_rows"),
+            new=now["global_rows"],
+            new_n=now["num_rows"],
+        )
         raise TrainingError(
-            f"the batches differ from the checkpoint's ({st.get('global_rows')} rows a step "
-            f"over {st.get('num_rows')} rows; now {now['global_rows']} over {now['num_rows']})",
+            f"the batches differ from the checkpoint's ({shown})",
             code="resume-mismatch",
             where=where,
-            hint="resume with the same --batch-size × --grad-accum × processes, --seq-len "
-            "and --packing",
+            hint=rules.batches_hint,
         )
     old, new = st.get("hyperparameters", {}), now["hyperparameters"]
-    bad = [k for k in FIXED if old.get(k) != new.get(k)]
+    bad = [k for k in rules.fixed if old.get(k) != new.get(k)]
     if bad:
         raise TrainingError(
             f"the checkpoint was trained with other {', '.join(bad)}",
             code="resume-mismatch",
             where=where,
-            hint="resume with the settings it was trained with",
+            hint=rules.settings_hint,
         )
-    return [k for k in new if k not in FIXED and old.get(k) != new.get(k)]
+    return [k for k in new if k not in rules.fixed and old.get(k) != new.get(k)]
