@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from ..card import is_hub_id
 from ..errors import UsageError
+from .errors import CallContext, Secrets
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -139,6 +140,21 @@ def has_token(api: HfApi) -> bool:
         return get_token() is not None
     except Exception:  # pragma: no cover - a broken token file is not our error to raise here
         return False
+
+
+def connect(
+    endpoint: str,
+    token: str | None,
+    repo_id: str,
+    revision: str | None,
+    filename: str | None,
+    action: str,
+) -> tuple[HfApi, CallContext]:
+    """The client for one operation on ``repo_id`` at the resolved ``endpoint``, and the context
+    its errors are reported in (the tokens in play masked, whether one is sent)."""
+    api = hub_client(endpoint, token)
+    ctx = CallContext(endpoint, repo_id, revision, filename, action, Secrets(token), has_token(api))
+    return api, ctx
 
 
 @contextlib.contextmanager

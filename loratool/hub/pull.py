@@ -20,15 +20,14 @@ from .common import (
     PEFT_WEIGHTS,
     check_repo_path,
     client_output,
-    has_token,
-    hub_client,
+    connect,
     is_offline,
     resolve_endpoint,
     sibling_path,
     split_ref,
 )
 from .download import choose_cached_files, choose_files, download_file, snapshot_commit
-from .errors import CallContext, Secrets, hub_errors
+from .errors import hub_errors
 
 
 @dataclass
@@ -86,9 +85,7 @@ def pull(
         check_output(out, force=force)
     ep = resolve_endpoint(endpoint)
     offline = is_offline()
-    secrets = Secrets(token)
-    api = hub_client(ep, token)
-    ctx = CallContext(ep, repo_id, rev, filename, "download", secrets, has_token(api))
+    api, ctx = connect(ep, token, repo_id, rev, filename, "download")
 
     with client_output(progress=progress), hub_errors(ctx):
         if filename is not None:

@@ -29,13 +29,12 @@ from .common import (
     PEFT_CONFIG,
     PEFT_WEIGHTS,
     client_output,
-    has_token,
-    hub_client,
+    connect,
     is_offline,
     resolve_endpoint,
     split_ref,
 )
-from .errors import CallContext, Secrets, hub_errors
+from .errors import CallContext, hub_errors
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
@@ -153,10 +152,7 @@ def push(
             code="offline",
             hint="unset HF_HUB_OFFLINE to reach the Hub",
         )
-    secrets = Secrets(token)
-    api = hub_client(ep, token)
-    authenticated = has_token(api)
-    ctx = CallContext(ep, repo_id, branch, None, "push to", secrets, authenticated)
+    api, ctx = connect(ep, token, repo_id, branch, None, "push to")
 
     with tempfile.TemporaryDirectory(prefix="loratool-push-") as tmp_name:
         tmp = Path(tmp_name)

@@ -17,14 +17,13 @@ from .common import (
     check_repo_id,
     check_repo_path,
     client_output,
-    has_token,
-    hub_client,
+    connect,
     is_offline,
     resolve_endpoint,
     sibling_path,
 )
 from .download import download_file
-from .errors import CallContext, Secrets, hub_errors
+from .errors import CallContext, hub_errors
 
 if TYPE_CHECKING:
     import torch
@@ -78,9 +77,7 @@ def open_remote_header(
     repo_id, revision, filename = parse_hf_uri(uri)
     rev = revision or "main"
     ep = resolve_endpoint(endpoint)
-    secrets = Secrets(token)
-    api = hub_client(ep, token)
-    ctx = CallContext(ep, repo_id, rev, filename, "read", secrets, has_token(api))
+    api, ctx = connect(ep, token, repo_id, rev, filename, "read")
 
     if is_offline():
         with client_output(progress=False), hub_errors(ctx):
