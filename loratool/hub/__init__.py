@@ -9,13 +9,17 @@ The package, one job per module:
 
 - ``common``: the fixed file names, endpoint and offline mode, repo ids and safe repo paths, the
   ``HfApi`` client and its console output;
-- ``errors``: huggingface_hub / httpx2 exceptions -> one-line ``HubError``, tokens masked;
+- ``errors``: huggingface_hub / httpx2 exceptions -> one-line ``HubError`` by one table
+  (``RULES``: exception type and condition -> code, message, hint), tokens masked;
 - ``push``: upload an adapter, its PEFT twin and a model card in one commit;
 - ``download``: pick a repo's adapter files and fetch them into the cache, trusting no name;
 - ``pull``: download, verify, convert and write an adapter;
 - ``remote``: ``hf://`` paths, the header by HTTP range requests.
 
 huggingface_hub is imported inside functions: ``import loratool`` and local ``inspect`` stay light.
+Imports point one way: this package uses ``sources`` (open what was fetched) and
+``convert.peft`` (the PEFT twin of a push); neither imports it (``sources`` names
+``remote.open_remote_header`` as the ``hf://`` opener and imports it only for such paths).
 """
 
 from __future__ import annotations
