@@ -700,3 +700,61 @@ def test_inspect_plot_without_matplotlib_names_the_extra(
     assert r.exit_code == 2
     assert "error[missing-extra]" in r.stderr and "loratool[plot]" in r.stderr
     assert not (tmp_path / "s.png").exists()
+
+
+# -- the target table: natural order, cut to the worst rows unless --all ----------------------
+
+
+def _table_names(text: str) -> list[str]:
+    """The target column of the rich table on stderr (rows whose first cell is a layer name)."""
+    cells = [line.split("│")[0].strip() for line in text.splitlines() if "│" in line]
+    return [c for c in cells if c.startswith("layers.")]
+
+
+def test_cli_reduce_rank_table_is_natural_and_cut_unless_all(tmp_path: Path) -> None:
+    # 25 targets: under --rank 1 target i keeps 9 / (9 + (0.1·i)²) of its energy, so the 20
+    # that keep the least are layers.5 … layers.24; lexicographic order would put 10 before 5.
+    path = tmp_path / "many.safetensors"
+    adapter_of(
+        *(known_target(f"layers.{i}.q", [3.0, 0.1 * i + 1e-3], 20, 15, seed=i) for i in range(25))
+    ).save(path)
+    r = run("reduce-rank", path, "-o", tmp_path / "r.safetensors", "--rank", "1")
+    assert r.exit_code == 0, r.output
+    assert _table_names(r.stderr) == [f"layers.{i}.q" for i in range(5, 25)]
+    assert (
+        "… 5 more rows (shown: the 20 that keep the least energy); --all to see every row"
+        in r.stderr
+    )
+    r = run("reduce-rank", path, "-o", tmp_path / "r2.safetensors", "--rank", "1", "--all")
+    assert r.exit_code == 0, r.output
+    assert _table_names(r.stderr) == [f"layers.{i}.q" for i in range(25)]
+    assert "more rows" not in r.stderr
+    r = run("reduce-rank", path, "-o", tmp_path / "r3.safetensors", "--rank", "1", "--json")
+    assert len(json.loads(r.stdout)["targets"]) == 25  # JSON always has every row
+
+
+def test_cli_combine_and_extract_tables_are_natural(pair, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "few.safetensors"
+    adapter_of(*(rand_target(f"layers.{i}.q", 12, 10, 2, seed=i) for i in (10, 2, 1))).save(path)
+    r = run("combine", path, path, "-o", tmp_path / "c.safetensors")
+    assert r.exit_code == 0, r.output
+    assert _table_names(r.stderr) == ["layers.1.q", "layers.2.q", "layers.10.q"]
+    assert "more rows" not in r.stderr
+    base, ft, _ = pair
+    r = run("extract", base, ft, "-o", tmp_path / "e.safetensors", "--rank", "2", "--all")
+    assert r.exit_code == 0, r.output
+
+
+def test_natural_key_orders_numbers_as_numbers() -> None:
+    from loratool.naturalsort import natural_key
+
+    names = ["layers.10.q", "layers.2.q", "layers.1.v", "layers.1.q", "9", "layers.02.q", "lm_head"]
+    assert sorted(names, key=natural_key) == [
+        "9",
+        "layers.1.q",
+        "layers.1.v",
+        "layers.02.q",
+        "layers.2.q",
+        "layers.10.q",
+        "lm_head",
+    ]

@@ -747,3 +747,48 @@ def test_cuda_merge_matches_cpu_and_unmerges_on_cpu_bit_exactly(
         rtol=0,
         atol=2**-7,
     )
+
+
+# -- the fidelity lines: worst lossy weights first, --all lists every weight naturally ---------
+
+
+def _weight_lines(text: str) -> list[str]:
+    return [line.strip().split(":")[0] for line in text.splitlines() if "    layers." in line]
+
+
+def test_cli_merge_report_cut_and_all_in_natural_order(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    base = tmp_path / "base.safetensors"
+    save_file({f"layers.{i}.proj.weight": torch.randn(16, 16, generator=gen) for i in range(12)},
+              str(base))  # fmt: skip
+    targets = [
+        Target.from_factors(
+            f"layers.{i}.proj",
+            torch.randn(2, 16, generator=gen) * 0.004,
+            torch.randn(16, 2, generator=gen) * 0.004,
+            alpha=2.0,
+        )
+        for i in range(12)
+    ]
+    a = str(save(Adapter.from_targets(targets), tmp_path / "a.safetensors"))
+    merge = ["merge", str(base), a, "--dtype", "bf16"]
+    r = CliRunner().invoke(cli, [*merge, "-o", str(tmp_path / "m.safetensors"), "--json"])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert len(doc["targets"]) == 12  # JSON always has every row
+    lossy = doc["summary"]["lossy"]
+    assert lossy > 5  # ΔW far below a bf16 ulp: every weight loses it
+    r = CliRunner().invoke(cli, [*merge, "-o", str(tmp_path / "m2.safetensors")])
+    assert r.exit_code == 0, r.stderr
+    assert len(_weight_lines(r.stderr)) == 5
+    assert f"… {lossy - 5} more lossy weights; --all to see every row" in r.stderr
+    r = CliRunner().invoke(cli, [*merge, "-o", str(tmp_path / "m3.safetensors"), "--all"])
+    assert r.exit_code == 0, r.stderr
+    assert _weight_lines(r.stderr) == [f"layers.{i}.proj.weight" for i in range(12)]
+    assert "more lossy" not in r.stderr
+    un = ["unmerge", str(tmp_path / "m3.safetensors"), a, "-o", str(tmp_path / "u.safetensors")]
+    r = CliRunner().invoke(cli, [*un, "--all"])
+    assert r.exit_code == 0, r.stderr
+    assert _weight_lines(r.stderr) == [f"layers.{i}.proj.weight" for i in range(12)]

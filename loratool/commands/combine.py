@@ -26,6 +26,7 @@ def command(
     output: str,
     force: bool,
     as_json: bool,
+    all_rows: bool,
     weights: tuple[float, ...],
     rules: dict[str, Any],
 ) -> None:
@@ -58,4 +59,4 @@ def command(
         {"path": p, "format": o.format, "weight": w}
         for p, o, w in zip(adapters, opened, weights or [1.0] * len(adapters), strict=True)
     ]
-    finish(report, output, as_json, {"inputs": inputs})
+    finish(report, output, as_json, {"inputs": inputs}, all_rows=all_rows)

@@ -71,6 +71,7 @@ def command(
     output: str,
     force: bool,
     as_json: bool,
+    all_rows: bool,
     rules: dict[str, Any],
     targets: str,
     device: str,
@@ -109,4 +110,5 @@ def command(
         output,
         as_json,
         {"base": base, "finetuned": finetuned, "device": resolve_device(device)},
+        all_rows=all_rows,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,7 @@ from ..console import emit_json, human_bytes, info, stderr_console, warn
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
 
-    from ..merging import MergeReport, ProgressEvent
+    from ..merging import MergeReport, ProgressEvent, TargetReport
 
 
 class ShardProgress:
@@ -74,8 +75,31 @@ class ShardProgress:
             )
 
 
-def render(report: MergeReport) -> None:
-    """The human summary on stderr: what went where, how much of ΔW survived, what unmerge gets."""
+WORST_ROWS = 5  # lossy weights listed, worst first, unless --all lists every weight
+
+
+def _row(t: TargetReport, *, detail: bool = False) -> str:
+    """One weight's line: how much of its ΔW the output holds; ``detail`` adds, for unmerge, what
+    came back from the sidecar and whether the SHA-256 matches."""
+    if t.retained is None or t.error is None:
+        line = f"    {t.key}: ΔW is zero"
+    else:
+        line = f"    {t.key}: retained {t.retained:.3f}, error {t.error:.1%}"
+    if detail and t.corrections:
+        line += f", {t.corrections:,} elements from the sidecar"
+    if detail and t.verified is not None:
+        line += ", SHA-256 matches" if t.verified else ", SHA-256 DIFFERS"
+    return line
+
+
+def render(report: MergeReport, *, all_rows: bool = False) -> None:
+    """The human summary on stderr: what went where, how much of ΔW survived, what unmerge gets.
+
+    The lossy weights are listed worst first, at most ``WORST_ROWS``; ``all_rows`` lists every
+    weight instead, in natural order (``layers.2`` before ``layers.10``).
+    """
+    from ..naturalsort import natural_key
+
     s = report.summary()
     verb = "merged" if report.operation == "merge" else "unmerged"
     names = ", ".join(f"{a['name']} ×{a['weight']:g}" for a in report.adapters)
@@ -94,8 +118,15 @@ def render(report: MergeReport) -> None:
             f"{s['max_retained']:.4f}), relative error {s['error']:.2%}; {s['lossy']} of "
             f"{s['targets']} weights lose more than {s['loss_threshold']:.0%}"
         )
-    for t in sorted(report.lossy, key=lambda t: -(t.error or 0.0))[:5]:
-        info(f"    {t.key}: retained {t.retained:.3f}, error {t.error:.1%}")
+    if all_rows:
+        for t in sorted(report.targets, key=lambda t: natural_key(t.key)):
+            info(_row(t, detail=True))
+    else:
+        worst = sorted(report.lossy, key=lambda t: (-(t.error or 0.0), natural_key(t.key)))
+        for t in worst[:WORST_ROWS]:
+            info(_row(t))
+        if len(worst) > WORST_ROWS:
+            info(f"    … {len(worst) - WORST_ROWS} more lossy weights; --all to see every row")
     if report.operation == "merge":
         if s["roundtrip_off"]:
             info(
@@ -126,7 +157,33 @@ def as_json(report: MergeReport) -> dict[str, Any]:
     return report.to_json()
 
 
+def run(
+    label: str,
+    operation: Callable[[ShardProgress], MergeReport],
+    *,
+    as_json_flag: bool,
+    all_rows: bool,
+) -> None:
+    """Run a merge or unmerge with its progress display, then print its report (JSON: every row)."""
+    with ShardProgress(label, quiet=as_json_flag) as bar:
+        report = operation(bar)
+    if as_json_flag:
+        emit_json(as_json(report))
+    else:
+        render(report, all_rows=all_rows)
+
+
 # Shared with unmerge.
+json_option = click.option(
+    "--json", "as_json_flag", is_flag=True, help="Print the report as one JSON document."
+)
+all_option = click.option(
+    "--all",
+    "all_rows",
+    is_flag=True,
+    help=f"List every weight's fidelity, in natural order (default: the {WORST_ROWS} worst lossy "
+    "weights; --json always has every weight).",
+)
 output_option = click.option(
     "-o",
     "--output",
@@ -170,7 +227,8 @@ device_option = click.option(
     help="Also write a sidecar of rounding corrections so unmerge restores the base bit for bit.",
 )
 @click.option("--force", is_flag=True, help="Replace OUT; accept a differing base fingerprint.")
-@click.option("--json", "as_json_flag", is_flag=True, help="Print the report as one JSON document.")
+@json_option
+@all_option
 def command(
     base: str,
     adapters: tuple[str, ...],
@@ -181,6 +239,7 @@ def command(
     reversible: bool,
     force: bool,
     as_json_flag: bool,
+    all_rows: bool,
 ) -> None:
     """Merge ADAPTERS into the checkpoint BASE and write it to OUT.
 
@@ -190,8 +249,9 @@ def command(
     """
     from ..merging import merge
 
-    with ShardProgress("merge", quiet=as_json_flag) as bar:
-        report = merge(
+    run(
+        "merge",
+        lambda bar: merge(
             base,
             list(adapters),
             out,
@@ -201,8 +261,7 @@ def command(
             reversible=reversible,
             force=force,
             progress=bar,
-        )
-    if as_json_flag:
-        emit_json(as_json(report))
-    else:
-        render(report)
+        ),
+        as_json_flag=as_json_flag,
+        all_rows=all_rows,
+    )

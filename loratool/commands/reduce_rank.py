@@ -16,7 +16,7 @@ from ..console import emit_json, human_bytes, warn
 from ..lowrank.rules import RULE_KEYS  # no torch: the rules are plain Python
 
 if TYPE_CHECKING:
-    from ..lowrank import LowRankReport
+    from ..lowrank import LowRankReport, TargetReport
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -60,7 +60,14 @@ def rule_options(f: F) -> F:
 
 
 def output_options(f: F) -> F:
-    """-o OUT, --force, --json."""
+    """-o OUT, --force, --json, --all."""
+    f = click.option(
+        "--all",
+        "all_rows",
+        is_flag=True,
+        help=f"List every target in the table (default: at most {TABLE_ROWS}, those that keep the "
+        "least energy; --json always has every target).",
+    )(f)
     f = click.option(
         "--json", "as_json", is_flag=True, help="Print the report as one JSON document on stdout."
     )(f)
@@ -76,12 +83,27 @@ def output_options(f: F) -> F:
     return f
 
 
+TABLE_ROWS = 20  # a longer table shows the rows that keep the least energy, unless --all
+
+
+def table_rows(report: LowRankReport, *, all_rows: bool) -> list[TargetReport]:
+    """The targets the table lists, in natural order: every one, or the ``TABLE_ROWS`` that keep
+    the least energy (ties: the first in natural order) when there are more and not ``all_rows``."""
+    from ..naturalsort import natural_key
+
+    rows = report.targets
+    if not all_rows and len(rows) > TABLE_ROWS:
+        rows = sorted(rows, key=lambda t: (t.retained_energy, natural_key(t.name)))[:TABLE_ROWS]
+    return sorted(rows, key=lambda t: natural_key(t.name))
+
+
 def _sv(x: float | None) -> str:
     return "?" if x is None else f"{x:.4g}"
 
 
-def render_report(report: LowRankReport, output: str) -> None:
-    """The per-target table and a one-line summary, on stderr (people's output)."""
+def render_report(report: LowRankReport, output: str, *, all_rows: bool = False) -> None:
+    """The per-target table (natural order; cut to the worst rows unless ``all_rows``) and a
+    one-line summary, on stderr (people's output)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -93,7 +115,8 @@ def render_report(report: LowRankReport, output: str) -> None:
         table.add_column(col, justify="left" if col == "target" else "right")
     if extract:
         table.add_column("svd", justify="left")
-    for t in report.targets:
+    rows = table_rows(report, all_rows=all_rows)
+    for t in rows:
         rank = f"{t.old_rank} → {t.new_rank}"
         cells = [
             t.name,
@@ -106,6 +129,13 @@ def render_report(report: LowRankReport, output: str) -> None:
             cells.append(t.method)
         table.add_row(*cells)
     console.print(table)
+    if len(rows) < len(report.targets):
+        console.print(
+            f"… {len(report.targets) - len(rows)} more rows (shown: the {len(rows)} that keep the "
+            "least energy); --all to see every row",
+            markup=False,
+            highlight=False,
+        )
     for s in report.skipped:
         console.print(f"skipped {s['name']}: {s['reason']}", markup=False, highlight=False)
     for w in report.warnings:
@@ -121,11 +151,19 @@ def render_report(report: LowRankReport, output: str) -> None:
     )
 
 
-def finish(report: LowRankReport, output: str, as_json: bool, extra: dict[str, Any]) -> None:
+def finish(
+    report: LowRankReport,
+    output: str,
+    as_json: bool,
+    extra: dict[str, Any],
+    *,
+    all_rows: bool = False,
+) -> None:
+    """The report: one JSON document (every target) on stdout, or the table on stderr."""
     if as_json:
         emit_json({"output": output, **extra, **report.to_json()})
     else:
-        render_report(report, output)
+        render_report(report, output, all_rows=all_rows)
 
 
 @click.command("reduce-rank", epilog=RULES_HELP)
@@ -137,6 +175,7 @@ def command(
     output: str,
     force: bool,
     as_json: bool,
+    all_rows: bool,
     rules: dict[str, Any],
 ) -> None:
     """Keep the top-k singular triplets of every target of ADAPTER (any format convert reads).
@@ -153,4 +192,5 @@ def command(
     opened = open_adapter(adapter)
     result, report = reduce_rank(opened.adapter, **rules)
     result.save(output, force=force)
-    finish(report, output, as_json, {"input": adapter, "input_format": opened.format})
+    extra = {"input": adapter, "input_format": opened.format}
+    finish(report, output, as_json, extra, all_rows=all_rows)

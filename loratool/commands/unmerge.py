@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..console import emit_json
-from .merge import ShardProgress, as_json, device_option, output_option, render
+from .merge import all_option, device_option, json_option, output_option, run
 
 
 @click.command("unmerge")
@@ -18,9 +17,16 @@ from .merge import ShardProgress, as_json, device_option, output_option, render
     is_flag=True,
     help="Replace OUT; subtract adapters that the merge record does not list (weight 1).",
 )
-@click.option("--json", "as_json_flag", is_flag=True, help="Print the report as one JSON document.")
+@json_option
+@all_option
 def command(
-    merged: str, adapters: tuple[str, ...], out: str, device: str, force: bool, as_json_flag: bool
+    merged: str,
+    adapters: tuple[str, ...],
+    out: str,
+    device: str,
+    force: bool,
+    as_json_flag: bool,
+    all_rows: bool,
 ) -> None:
     """Subtract ADAPTERS from the checkpoint MERGED (made by `loratool merge`) into OUT.
 
@@ -30,9 +36,9 @@ def command(
     """
     from ..merging import unmerge
 
-    with ShardProgress("unmerge", quiet=as_json_flag) as bar:
-        report = unmerge(merged, list(adapters), out, device=device, force=force, progress=bar)
-    if as_json_flag:
-        emit_json(as_json(report))
-    else:
-        render(report)
+    run(
+        "unmerge",
+        lambda bar: unmerge(merged, list(adapters), out, device=device, force=force, progress=bar),
+        as_json_flag=as_json_flag,
+        all_rows=all_rows,
+    )
