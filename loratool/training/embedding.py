@@ -263,7 +263,6 @@ class _EmbeddingTrainer(Session):
     # -- the result ------------------------------------------------------------------------------
 
     def finish(self, interrupted: bool) -> TrainResult:
-        c = self.config
         final = self.losses[-1] if self.losses else None
         if interrupted:
             return TrainResult(
@@ -278,20 +277,9 @@ class _EmbeddingTrainer(Session):
                 losses=self.losses,
             )
         adapter = self._adapter()
-        adapter.save(c.output, force=c.force)
-        self.emit(
-            TrainEvent(
-                "done",
-                step=self.step,
-                total_steps=self.total,
-                loss=final,
-                tokens=self.tokens,
-                eval_loss=self.eval_loss,
-                path=str(c.output),
-            )
-        )
+        output = self.deliver(adapter)
         return TrainResult(
-            Path(c.output),
+            output,
             self.step,
             self.total,
             final,

@@ -225,20 +225,7 @@ class _Trainer(Session):
             self.dist.barrier()
             return result
         result.adapter = self._adapter()
-        result.output = Path(self.config.output)
-        if self.dist.main:
-            result.adapter.save(result.output, force=self.config.force)
-            self.emit(
-                TrainEvent(
-                    "done",
-                    step=self.step,
-                    total_steps=self.total,
-                    loss=final,
-                    tokens=self.tokens,
-                    eval_loss=self.eval_loss,
-                    path=str(result.output),
-                )
-            )
+        result.output = self.deliver(result.adapter)
         self.dist.barrier()
         return result
 

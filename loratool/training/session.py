@@ -17,12 +17,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import IO, Any, ClassVar
 
 import torch
 
 from .. import lora
 from .._io import check_output
+from ..adapter import Adapter
 from ..errors import TrainingError, UsageError
 from . import state as S
 from .config import TrainConfig
@@ -198,6 +200,24 @@ class Session:
         self.elapsed0 = float(st.get("elapsed_s", 0.0))
         self.losses = [float(x) for x in st.get("losses", [])]
         self.emit(TrainEvent("info", message=f"resumed from {saved.path} at step {self.step}"))
+
+    def deliver(self, adapter: Adapter) -> Path:
+        """Write the trained adapter to ``--output`` (rank 0) and report the run done."""
+        out = Path(self.config.output)
+        if self.dist.main:
+            adapter.save(out, force=self.config.force)
+            self.emit(
+                TrainEvent(
+                    "done",
+                    step=self.step,
+                    total_steps=self.total,
+                    loss=self.losses[-1] if self.losses else None,
+                    tokens=self.tokens,
+                    eval_loss=self.eval_loss,
+                    path=str(out),
+                )
+            )
+        return out
 
     # -- the loop --------------------------------------------------------------------------------
 
