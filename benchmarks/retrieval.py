@@ -1,159 +1,186 @@
-"""Before/after table for a MiniLM retrieval adapter on the bundled docstring set's held-out split.
+"""Side by side: loratool's retrieval LoRA vs sentence-transformers + PEFT, on the bundled set.
 
-Trains a LoRA adapter on all-MiniLM-L6-v2 with `fixtures/data/retrieval/train.jsonl`
-(`loratool train --task embedding`'s library call), then scores `test.jsonl` three ways in one
-run: the base encoder, base + adapter (injected in memory), and the merged checkpoint written by
-`loratool merge`. Prints recall@1/5/10, MRR and MRR@10 side by side with deltas and ratios, and
-the training cost: steps, pairs, wall and CPU seconds, tokens/s, peak RSS. The adapter is kept
-in benchmarks/out/retrieval-adapter.safetensors.
+Both sides train a rank-r LoRA on all-MiniLM-L6-v2 with `fixtures/data/retrieval/train.jsonl`,
+with the same steps, batch, rank, alpha, targets, learning rate, warm-up, cosine schedule,
+gradient clipping, temperature (MNRL scale = 1/τ), precision and threads, then score
+`test.jsonl` (corpus = its 301 passages) with the same ranking code:
 
-    python benchmarks/retrieval.py [--steps 52] [--batch-size 32] [--lr 3e-4] [--seed 0]
-                                   [--rank 16] [--dtype auto] [--threads 2] [--json OUT]
-                                   [--adapter PATH]   # evaluate a saved adapter, no training
+- loratool: `loratool train --task embedding ...` (the CLI, one process), then
+  `loratool eval-retrieval --adapter ...` (another process);
+- sentence-transformers 6.2: `benchmarks/retrieval_st.py` (one process: `add_adapter(LoraConfig)`,
+  `MultipleNegativesRankingLoss`, `SentenceTransformerTrainer`, then `model.encode`).
 
-CPU time is reported next to wall time because this machine is shared: wall time inflates with
-the load of other work, CPU time much less.
+Runs alternate (loratool, st, st, loratool, ...) so drifting load on a shared machine hits both
+alike; each figure is the median over `--repeats`. Speed is training tokens (non-padding, over
+the batches each side consumed) per second inside the training loop; memory is the peak RSS of
+the whole training process (`os.wait4`); ratios are loratool / sentence-transformers.
+
+    python benchmarks/retrieval.py [--steps 52] [--batch-size 32] [--lr LR] [--rank 16]
+        [--alpha 2·rank] [--temperature 0.05] [--dtype auto|f32|bf16] [--threads 1]
+        [--repeats 1] [--sides loratool,st] [--json OUT]
+
+`--lr` defaults to loratool's `--task embedding` default, so the benchmark measures what the
+plain command does. The sentence-transformers side needs `datasets` (its trainer's input).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import os
+import statistics
+import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "fixtures"))
 DATA = ROOT / "fixtures" / "data" / "retrieval"
-ROWS = (("recall@1", "recall@1"), ("recall@5", "recall@5"), ("recall@10", "recall@10"),
-        ("MRR", "mrr"), ("MRR@10", "mrr@10"))  # fmt: skip
+OUT = ROOT / "benchmarks" / "out" / "retrieval"
+
+
+def shipped_defaults() -> dict[str, Any]:
+    """`loratool train --task embedding`'s defaults, wherever the trainer keeps them."""
+    from loratool.training import embedding
+
+    return dict(embedding.EMBEDDING_DEFAULTS)
+
+
+def run(cmd: list[str], threads: int) -> tuple[str, dict[str, float]]:
+    """(stdout, {wall_s, cpu_s, peak_rss_mb}) of one whole child process."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
+    return out, {
+        "wall_s": wall,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mb": usage.ru_maxrss / 1024,  # KiB on Linux
+    }
+
+
+def loratool_side(args: argparse.Namespace, model: str, i: int) -> dict[str, Any]:
+    from loratool.format import load
+
+    adapter, metrics = OUT / f"loratool-{i}.safetensors", OUT / f"loratool-{i}.metrics.jsonl"
+    py = [sys.executable, "-m", "loratool"]
+    _, cost = run(
+        [*py, "train", "--task", "embedding", "--model", model,
+         "--data", str(DATA / "train.jsonl"), "-o", str(adapter), "--max-steps", str(args.steps),
+         "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--rank", str(args.rank),
+         "--alpha", str(args.alpha), "--temperature", str(args.temperature),
+         "--dtype", args.dtype, "--seed", "0", "--save-every", "0", "--metrics", str(metrics),
+         "--force", "-q"],
+        args.threads,
+    )  # fmt: skip
+    training = load(adapter).provenance["training"]
+    steps = [json.loads(x) for x in metrics.read_text().splitlines() if '"loss"' in x]
+    train_s = float(steps[-1]["elapsed_s"])
+    out, _ = run(
+        [*py, "eval-retrieval", "--model", model, "--adapter", str(adapter),
+         "--data", str(DATA / "test.jsonl"), "--skip-base", "--json", "-q"],
+        args.threads,
+    )  # fmt: skip
+    doc = json.loads(out)
+    return {
+        "metrics": doc["adapted"],
+        "tokens": int(training["tokens"]),
+        "train_s": train_s,
+        "final_loss": training["final_loss"],
+        "precision": training["precision"],
+        **cost,
+    }
+
+
+def st_side(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    out, cost = run(
+        [sys.executable, str(ROOT / "benchmarks" / "retrieval_st.py"), "--model", model,
+         "--train", str(DATA / "train.jsonl"), "--test", str(DATA / "test.jsonl"),
+         "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+         "--rank", str(args.rank), "--alpha", str(args.alpha), "--lr", str(args.lr),
+         "--temperature", str(args.temperature), "--dtype", args.dtype,
+         "--threads", str(args.threads)],
+        args.threads,
+    )  # fmt: skip
+    doc = json.loads(out.strip().splitlines()[-1])
+    return {**doc, **cost}
+
+
+def median(runs: list[dict[str, Any]], key: str) -> float:
+    if key in ("recall@1", "recall@10", "mrr"):
+        return statistics.median(r["metrics"][key] for r in runs)
+    if key == "tokens_per_s":
+        return statistics.median(r["tokens"] / r["train_s"] for r in runs)
+    return statistics.median(float(r[key]) for r in runs)
 
 
 def main() -> None:
+    defaults = shipped_defaults()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=52)  # one epoch of 1679 pairs
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=52)  # one epoch of 1679 pairs at batch 32
+    ap.add_argument("--batch-size", type=int, default=int(defaults["batch_size"]))
+    ap.add_argument("--lr", type=float, default=float(defaults["lr"]))
+    ap.add_argument("--rank", type=int, default=int(defaults.get("rank", 16)))
+    ap.add_argument("--alpha", type=float, help="LoRA alpha [2 × rank, loratool's default].")
+    ap.add_argument("--temperature", type=float, default=float(defaults.get("temperature", 0.05)))
     ap.add_argument("--dtype", default="auto", choices=["auto", "f32", "bf16"])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--sides", default="loratool,st")
     ap.add_argument("--json", dest="json_out", help="Also write the results here.")
-    ap.add_argument("--adapter", help="Evaluate this adapter instead of training one.")
     args = ap.parse_args()
+    args.alpha = args.alpha or float(defaults.get("alpha") or 2 * args.rank)
+    if args.dtype == "auto":  # both sides get the same precision: what loratool's auto picks
+        import torch
 
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        args.dtype = "bf16" if native else "f32"
     import models
-    import torch
 
-    from loratool import retrieval as R
-    from loratool.format import load
-    from loratool.merging import merge
-    from loratool.training import TrainEvent
-    from loratool.training.embedding import embedding_config, train_embedding
+    model = str(models.minilm())
+    OUT.mkdir(parents=True, exist_ok=True)
+    sides = args.sides.split(",")
+    results: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
+    for i in range(args.repeats):
+        order = sides if i % 2 == 0 else sides[::-1]
+        for side in order:
+            print(f"run {i + 1}/{args.repeats}: {side}", file=sys.stderr, flush=True)
+            r = loratool_side(args, model, i) if side == "loratool" else st_side(args, model)
+            results[side].append(r)
+            print(f"  {json.dumps(r)}", file=sys.stderr, flush=True)
 
-    torch.set_num_threads(args.threads)
-    base_dir = models.minilm()
-    test = DATA / "test.jsonl"
-    out_dir = ROOT / "benchmarks" / "out"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    adapter = Path(args.adapter) if args.adapter else out_dir / "retrieval-adapter.safetensors"
-    result = None
-    wall = cpu = peak_mb = 0.0
-    if not args.adapter:
-        config = embedding_config(
-            model=str(base_dir),
-            data=str(DATA / "train.jsonl"),
-            output=str(adapter),
-            max_steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            rank=args.rank,
-            seed=args.seed,
-            dtype=args.dtype,
-            save_every=0,
-            force=True,
-        )
-
-        def report_step(e: TrainEvent) -> None:
-            if e.kind == "step" and (e.step % 10 == 0 or e.step == e.total_steps):
-                print(f"  step {e.step}/{e.total_steps} loss {e.loss:.4f} "
-                      f"{e.elapsed_s:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
-
-        wall0, cpu0 = time.perf_counter(), time.process_time()
-        result = train_embedding(config, on_event=report_step)
-        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"trained {result.steps} steps in {wall:.1f} s wall, {cpu:.1f} s CPU -> {adapter}",
-              file=sys.stderr, flush=True)  # fmt: skip
-    training = load(adapter).provenance["training"]
-
-    report = R.evaluate_retrieval(base_dir, test, adapter=adapter)
-    mrg: dict[str, float] | None = None
-    gap = float("nan")
-    with tempfile.TemporaryDirectory() as tmp:
-        merged_dir = Path(tmp) / "merged"
-        try:
-            merge(base_dir, [adapter], merged_dir)
-        except Exception as e:  # the merge is checked here, not assumed
-            print(f"merge failed: {type(e).__name__}: {e}", file=sys.stderr)
-        else:
-            merged = R.evaluate_retrieval(merged_dir, test)
-            assert merged.base is not None
-            mrg = merged.base.to_json()
-            enc_a = R.load_encoder(base_dir)
-            R.apply_adapter(enc_a.model, load(adapter))
-            texts = [p.positive for p in R.read_pairs(test)[:64]]
-            merged_enc = R.load_encoder(merged_dir)
-            gap = float((R.encode(enc_a, texts) - R.encode(merged_enc, texts)).abs().max())
-
-    assert report.base is not None and report.adapted is not None
-    base, after = report.base.to_json(), report.adapted.to_json()
+    rows = [("recall@1", "recall@1", "{:.4f}"), ("recall@10", "recall@10", "{:.4f}"),
+            ("MRR", "mrr", "{:.4f}"), ("train tokens/s", "tokens_per_s", "{:,.0f}"),
+            ("train loop s", "train_s", "{:.1f}"), ("process wall s", "wall_s", "{:.1f}"),
+            ("process CPU s", "cpu_s", "{:.1f}"), ("peak RSS MB", "peak_rss_mb", "{:,.0f}")]  # fmt: skip
     print(
-        f"all-MiniLM-L6-v2 on {report.base.queries} held-out queries, corpus {report.base.corpus} "
-        f"passages (fixtures/data/retrieval/test.jsonl)"
+        f"all-MiniLM-L6-v2, {args.steps} steps × {args.batch_size} pairs, rank {args.rank}, "
+        f"alpha {args.alpha:g}, lr {args.lr:g}, τ {args.temperature:g}, {args.dtype}, "
+        f"{args.threads} thread(s), median of {args.repeats}; test.jsonl, 301 queries"
     )
-    print(f"{'metric':<10} {'base':>8} {'+adapter':>9} {'merged':>8} {'Δ':>8} {'ratio':>7}")
-    for label, key in ROWS:
-        d = after[key] - base[key]
-        print(
-            f"{label:<10} {base[key]:>8.4f} {after[key]:>9.4f} "
-            f"{mrg[key] if mrg else float('nan'):>8.4f} {d:>+8.4f} "
-            f"{after[key] / base[key]:>6.2f}x"
-        )
-    hp = training["hyperparameters"]
+    names = {"loratool": "loratool", "st": "ST+PEFT"}
     print(
-        f"\ntraining: seed {hp['seed']}, {training['steps']} steps × {hp['batch_size']} pairs "
-        f"({training['epochs']:.2f} epochs of {training['data']['pairs']} pairs), rank {hp['rank']}, "
-        f"alpha {hp['alpha']:g}, lr {hp['lr']:g}, τ {hp['temperature']}, {training['precision']}, "
-        f"{args.threads} threads, final loss {training['final_loss']:.4f}"
+        "| | " + " | ".join(names[s] for s in sides) + (" | ratio |" if len(sides) == 2 else " |")
     )
-    if result is not None:
-        print(
-            f"cost: {wall:.1f} s wall, {cpu:.1f} s CPU ({cpu / wall:.2f} cores busy), "
-            f"{result.tokens / wall:,.0f} tokens/s ({result.tokens:,} tokens), "
-            f"peak RSS {peak_mb:,.0f} MB"
-        )
-    print(f"merged vs base + adapter: max |Δ embedding| = {gap:.2e} over 64 passages")
+    print("|---" * (len(sides) + 1 + (len(sides) == 2)) + "|")
+    summary: dict[str, dict[str, float]] = {}
+    for label, key, fmt in rows:
+        vals = [median(results[s], key) for s in sides]
+        summary[key] = dict(zip(sides, vals, strict=True))
+        cells = [fmt.format(v) for v in vals]
+        if len(sides) == 2:
+            cells.append(f"{vals[0] / vals[1]:.2f}×")
+        print(f"| {label} | " + " | ".join(cells) + " |")
     if args.json_out:
-        doc = {
-            "base": base,
-            "adapter": after,
-            "merged": mrg,
-            "training": training,
-            "threads": args.threads,
-            "train_wall_s": wall,
-            "train_cpu_s": cpu,
-            "peak_rss_mb": peak_mb,
-            "losses": result.losses if result else None,
-            "merged_max_abs_diff": gap,
-        }
+        doc = {"settings": vars(args), "summary": summary, "runs": results}
         Path(args.json_out).write_text(json.dumps(doc, indent=2) + "\n")
 
 
