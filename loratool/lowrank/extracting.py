@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Unpack
 
 from .. import constants as C
+from .. import kinds
 from ..adapter import Adapter, BaseBinding, Target
 from ..errors import FormatError, UsageError
 from .core import EPS32
@@ -170,8 +171,7 @@ def extract(
     for done, mod in enumerate(modules, 1):
         D = fc.read(mod.ft_key).to(dev, torch.float32)
         D.sub_(bc.read(mod.base_key).to(dev, torch.float32))
-        if mod.kind != C.KIND_LINEAR:
-            D = D.mT  # ΔW is [out, in]; Conv1D and Embedding weights are stored transposed
+        D = kinds.get(mod.kind).from_stored(D)  # ΔW is [out, in] whatever the stored layout
         if not bool(torch.isfinite(D).all()):
             raise FormatError(
                 f"'{mod.ft_key}' minus the base has NaN or Inf values",

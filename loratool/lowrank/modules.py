@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .. import constants as C
+from .. import kinds
 from ..errors import CompatibilityError, UsageError
 
 if TYPE_CHECKING:
@@ -125,12 +126,13 @@ def select_modules(
         if ft.dtype(fkey) not in _FLOAT_DTYPES:
             warnings.append(f"'{fkey}' is {ft.dtype(fkey)}, not a float weight: skipped")
             continue
-        d0, d1 = base.shape(bkey)
+        # A checkpoint holds no module types: the kind is read off the name and the model type.
         if _is_embedding(m):
-            kind, n_in, n_out = C.KIND_EMBEDDING, d0, d1  # [num_embeddings, dim]
+            kind = C.KIND_EMBEDDING
         elif conv1d and m.rsplit(".", 1)[-1] in _CONV1D_NAMES:
-            kind, n_in, n_out = C.KIND_CONV1D, d0, d1  # Conv1D stores [in, out]
+            kind = C.KIND_CONV1D
         else:
-            kind, n_in, n_out = C.KIND_LINEAR, d1, d0
+            kind = C.KIND_LINEAR
+        n_in, n_out = kinds.get(kind).features(tuple(base.shape(bkey)))
         out.append(Module(m, bkey, fkey, kind, n_in, n_out))
     return out

@@ -17,7 +17,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .. import constants as C
+from .. import kinds
 from ..errors import CompatibilityError, FormatError
 from .plan import Job
 from .report import TargetReport
@@ -47,8 +47,8 @@ def _ordered(bits: torch.Tensor) -> torch.Tensor:
 def delta_factors(job: Job, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """L ``[rows, Σr]`` and R ``[Σr, cols]`` with ``L @ R`` the update of the stored weight.
 
-    Linear: rows = out, so L = w·s·B, R = A. Conv1D and embedding store ``[in, out]``: L = w·s·Aᵀ,
-    R = Bᵀ. Stacking the adapters' factors makes one product the exact sum of their deltas. The
+    The target's kind says how (``Kind.stored_factors``): for Linear rows = out, so L = w·s·B,
+    R = A; Conv1D and embedding store ``[in, out]``: L = w·s·Aᵀ, R = Bᵀ. Stacking the adapters' factors makes one product the exact sum of their deltas. The
     factors are upcast exactly and scaled in fp64, then given in ``dtype`` (fp64 or fp32).
     """
     import torch
@@ -58,13 +58,9 @@ def delta_factors(job: Job, device: str, dtype: torch.dtype) -> tuple[torch.Tens
         fresh = t.replace()  # loads this target's factors only; they are dropped after the job
         a = fresh.lora_A.detach().to(device=device, dtype=torch.float64)
         b = fresh.lora_B.detach().to(device=device, dtype=torch.float64)
-        coef = weight * t.scale
-        if t.kind == C.KIND_LINEAR:
-            left.append(b * coef)
-            right.append(a)
-        else:
-            left.append(a.t() * coef)
-            right.append(b.t())
+        lhs, rhs = kinds.get(t.kind).stored_factors(a, b, weight * t.scale)
+        left.append(lhs)
+        right.append(rhs)
     return (
         torch.cat(left, 1).to(dtype).contiguous(),
         torch.cat(right, 0).to(dtype).contiguous(),
