@@ -157,3 +157,27 @@ def test_inspect_stats_checks_integrity() -> None:
     }
     assert json.loads(good.stdout)["integrity"]["ok"] is True
     assert json.loads(run("inspect", GOLDEN, "--json").stdout)["integrity"]["checked"] is False
+
+
+def test_inspect_table_is_in_natural_order_and_cut_unless_all(tmp_path: Path) -> None:
+    import torch
+
+    import loratool
+
+    names = [f"model.layers.{i}.mlp.down_proj" for i in (10, 2, 1, 30, 0, *range(3, 10))]
+    names += [f"model.layers.{i}.mlp.down_proj" for i in range(11, 30)]
+    targets = [loratool.Target.from_factors(n, torch.ones(2, 4), torch.ones(3, 2)) for n in names]
+    path = tmp_path / "many.safetensors"
+    loratool.Adapter.from_targets(targets).save(path)
+
+    def listed(output: str) -> list[int]:
+        return [int(line.split(".")[2]) for line in output.splitlines() if "down_proj" in line]
+
+    r = run("inspect", str(path))
+    assert r.exit_code == 0, r.output
+    assert listed(r.stdout) == list(range(24))  # layers.2 before layers.10, first 24 rows
+    assert "… 7 more targets (linear; rank 2); --all to see every row" in r.stdout
+    r = run("inspect", str(path), "--all")
+    assert listed(r.stdout) == list(range(31)) and "more targets" not in r.stdout
+    doc = json.loads(run("inspect", str(path), "--json").stdout)
+    assert len(doc["targets"]) == 31  # --json always has every target

@@ -7,6 +7,9 @@ from typing import Any
 import click
 
 from ..console import emit_json, human_bytes, stdout_console
+from ..naturalsort import natural_key
+
+TABLE_ROWS = 24  # a long table is cut to this many rows plus a summary line, unless --all
 
 
 @click.command("inspect")
@@ -21,7 +24,15 @@ from ..console import emit_json, human_bytes, stdout_console
     help="Write singular-value spectra to a PNG (needs matplotlib).",
 )
 @click.option("--force", is_flag=True, help="Replace the --plot file if it exists.")
-def command(path: str, as_json: bool, stats: bool, plot: str | None, force: bool) -> None:
+@click.option(
+    "--all",
+    "show_all",
+    is_flag=True,
+    help=f"List every target (default: the first {TABLE_ROWS} in natural order; --json always has every target).",
+)
+def command(
+    path: str, as_json: bool, stats: bool, plot: str | None, force: bool, show_all: bool
+) -> None:
     """Summarise the adapter at PATH (a loratool file or any format `convert` reads)."""
     from ..inspect import describe
 
@@ -33,14 +44,14 @@ def command(path: str, as_json: bool, stats: bool, plot: str | None, force: bool
     if as_json:
         emit_json(doc)
     else:
-        _render(doc, stats)
+        _render(doc, stats, show_all=show_all)
 
 
 def _fmt_alpha(x: float) -> str:
     return f"{x:g}"
 
 
-def _render(doc: dict[str, Any], stats: bool) -> None:
+def _render(doc: dict[str, Any], stats: bool, *, show_all: bool = False) -> None:
     from rich.table import Table
 
     console = stdout_console()
@@ -77,7 +88,9 @@ def _render(doc: dict[str, Any], stats: bool) -> None:
     if stats:
         table.add_column("‖ΔW‖", justify="right")
         table.add_column("eff. rank", justify="right")
-    for t in doc["targets"]:
+    rows_all = sorted(doc["targets"], key=lambda t: natural_key(t["name"]))
+    shown = rows_all if show_all or len(rows_all) <= TABLE_ROWS else rows_all[:TABLE_ROWS]
+    for t in shown:
         scale = f"{t['scale']:.4g}" + (" (rs)" if t["scale_rule"] == "rslora" else "")
         cells = [
             t["name"],
@@ -96,3 +109,12 @@ def _render(doc: dict[str, Any], stats: bool) -> None:
             ]
         table.add_row(*cells)
     console.print(table)
+    if len(shown) < len(rows_all):
+        rest = rows_all[len(shown) :]
+        kinds = sorted({t["kind"] for t in rest})
+        ranks = sorted({t["rank"] for t in rest})
+        console.print(
+            f"  … {len(rest)} more targets ({', '.join(kinds)}; rank "
+            f"{'/'.join(str(r) for r in ranks)}); --all to see every row",
+            markup=False,
+        )
