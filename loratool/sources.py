@@ -44,7 +44,7 @@ READERS: dict[str, str] = {
     "kohya": "loratool.convert.kohya:open_kohya",
 }
 # The last reader: nothing matched, so it raises the error that says what the path is.
-FALLBACK_READER = "loratool.convert.core:open_unknown"
+FALLBACK_READER = "loratool.convert.detect:open_unknown"
 # scheme prefix -> opener (path -> Opened); imported only for such paths.
 OPENERS: dict[str, str] = {"hf://": "loratool.hub.remote:open_remote_header"}
 

@@ -17,7 +17,7 @@ Imports point one way: cli → commands → operations (convert, hub, merging, l
 
 One job per module:
 
-- ``core``: ``convert``, ``detect``, binding to a base, the catch-all reader;
+- ``core``: ``convert`` and binding to a base; ``detect``: ``detect`` and the catch-all reader;
 - ``peft_config`` / ``peft_keys`` / ``peft_read`` / ``peft_write``: PEFT folders (``peft``
   re-exports their public names);
 - ``diffusers``, ``kohya``, ``gguf``: one format each; ``naming``: module names across formats;
@@ -28,7 +28,8 @@ from __future__ import annotations
 
 # The format modules are part of the API (``loratool.convert.peft.read_peft``); none imports torch.
 from . import diffusers, gguf, kohya, peft
-from .core import DTYPES, KNOWN, TARGET_FORMATS, convert, detect
+from .core import DTYPES, TARGET_FORMATS, convert
+from .detect import KNOWN, detect
 
 __all__ = [
     "DTYPES",

@@ -42,7 +42,7 @@ def verify_source(path: str | os.PathLike[str]) -> tuple[VerifyReport, str | Non
     """A VerifyReport for a non-loratool adapter, and its format (None if unreadable)."""
     import torch
 
-    from .core import open_source
+    from .detect import open_source
 
     p = os.fspath(path)
     checks: list[Check] = []
