@@ -294,6 +294,15 @@ class SafetensorsWriter:
         os.close(fd)
         return self.size
 
+    def abort(self) -> None:
+        """Close without the completeness check (the file is abandoned); safe to call twice.
+
+        A caller that drops a writer on an error must call this (or use ``with``): the open
+        descriptor would otherwise keep the deleted file's blocks allocated, which on a full
+        disk is exactly the space the user needs back.
+        """
+        self._abort()
+
     def _abort(self) -> None:
         if self.fd is not None:
             fd, self.fd = self.fd, None

@@ -130,11 +130,9 @@ def _write(
 
     namer = shard_namer(ckpt, out_path)
     with written(p, p.jobs, report, skip=set()) as dest:
-        spool_dir = dest if ckpt.is_dir else out_path.parent
         if sidecar_name is not None:
-            fd, spool_path = tempfile.mkstemp(
-                prefix=f".{out_path.name}.", suffix=".spool", dir=spool_dir
-            )
+            # In the output's temp dir, so a killed merge's spool goes with it (_io, leftovers).
+            fd, spool_path = tempfile.mkstemp(prefix=".", suffix=".spool", dir=dest)
             os.close(fd)
             os.unlink(spool_path)
             outcome.spool = Spool(Path(spool_path))

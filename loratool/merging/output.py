@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from .._io import atomic_dir, check_output
+from .._io import atomic_dir, atomic_file_in_dir, check_output
 from ..checkpoint import Checkpoint
 from ..errors import UsageError
 from ..stream import write_index
@@ -43,21 +41,13 @@ def check_paths(base: Path, out: Path, *, force: bool) -> None:
 @contextlib.contextmanager
 def output_dest(out: Path, *, directory: bool, force: bool) -> Iterator[Path]:
     """A temp sibling directory renamed to ``out``; for a single-file base, a temp dir whose one
-    file is renamed to ``out``."""
+    file is renamed to ``out`` (both owned and cleaned up by ``_io``)."""
     if directory:
         with atomic_dir(out, force=force) as tmp:
             yield tmp
-        return
-    check_output(out, force=force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        yield tmp
-        produced = tmp / out.name
-        with open(produced, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(produced, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        with atomic_file_in_dir(out, force=force) as tmp:
+            yield tmp
 
 
 def shard_namer(ckpt: Checkpoint, out: Path) -> Callable[[Path], str]:

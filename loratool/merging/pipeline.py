@@ -213,14 +213,23 @@ def stream_files(
         out_pool.close()
         pool.shutdown(wait=True, cancel_futures=True)
         reader.shutdown(wait=True, cancel_futures=True)
+        for (
+            w,
+            _tasks,
+        ) in open_shards:  # after an error: an open fd would pin a deleted file's blocks
+            w.abort()
         for fd in fds.values():
             os.close(fd)
     return sizes
 
 
 def _finish(w: SafetensorsWriter, tasks: list[Future[None]]) -> None:
-    for t in tasks:
-        t.result()  # re-raises a worker's error
+    try:
+        for t in tasks:
+            t.result()  # re-raises a worker's error
+    except BaseException:
+        w.abort()  # popped from open_shards already: nobody else will close it
+        raise
     w.close()
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._io import check_output
+from .._io import atomic_file_in_dir
 from ..checkpoint import Checkpoint, safetensors_dtype_of
 from ..errors import CompatibilityError, FormatError
 from ..format import canonical_json
@@ -139,18 +139,9 @@ def sidecar_file_name(out_file: Path | None, depth: int) -> str:
 def write_sidecar_file(
     spool: Spool, target: Path, metadata: Mapping[str, str], *, force: bool
 ) -> int:
-    if target.exists():
-        if not force:
-            check_output(target, force=False)
-        target.unlink()
-    tmp = target.with_name(f".{target.name}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    size = spool.write_sidecar(tmp, metadata)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
-    return size
+    """Write the sidecar atomically at ``target`` (an owned temp beside it, then a rename)."""
+    with atomic_file_in_dir(target, force=force) as tmp:
+        return spool.write_sidecar(tmp / target.name, metadata)
 
 
 class SidecarSource:
