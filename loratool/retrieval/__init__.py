@@ -9,7 +9,8 @@ ranked above it), so an encoder that maps everything to one vector scores badly,
 
 The parts: ``pairs`` (the jsonl data), ``sentence`` (pooling, normalisation, similarity),
 ``encoder`` (loading and batched encoding), ``adapt`` (an adapter applied in memory),
-``metrics`` (ranks, recall@k, MRR) and ``report`` (``eval-retrieval``'s before/after).
+``metrics`` (ranks, recall@k, MRR), ``report`` (``eval-retrieval``'s before/after) and ``jsonl``
+(the line reader and ``BadDataError``, shared with the trainer, which imports this package).
 torch and transformers are imported inside the functions that need them.
 """
 

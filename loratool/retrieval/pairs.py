@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TrainingError, UsageError
+from .jsonl import BadDataError, jsonl_rows
 
 PAIRS_HINT = (
     'each line must be {"query": str, "positive": str} with an optional "negative" (a string '
@@ -55,8 +56,6 @@ def read_pairs(path: str | os.PathLike[str]) -> list[Pair]:
     every other bad line (not JSON, not an object, a missing or empty field) is reported with its
     line number in one ``BadDataError`` and nothing is returned: no row is skipped silently.
     """
-    from ..training.data import BadDataError, jsonl_rows
-
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"data file '{p}' does not exist", code="no-data", hint="check the path")

@@ -16,46 +16,25 @@ allowed. How records become token ids and loss masks is ``tokens``; rows and bat
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import TrainingError, UsageError
+from ...retrieval.jsonl import MAX_REPORTED, BadDataError, jsonl_rows, line_ranges
 
-MAX_REPORTED = 20  # problems spelled out in the error message; all are listed in .problems
-
-
-class BadDataError(TrainingError):
-    """The data file has bad lines; ``problems`` lists every one as (line number, reason)."""
-
-    default_code = "bad-data"
-
-    def __init__(self, path: str, problems: list[tuple[int, str]]) -> None:
-        self.problems = problems
-        shown = "; ".join(f"line {n}: {why}" for n, why in problems[:MAX_REPORTED])
-        more = len(problems) - MAX_REPORTED
-        lines = line_ranges([n for n, _ in problems])
-        super().__init__(
-            f"{len(problems)} bad line{'s' if len(problems) != 1 else ''} (lines {lines}): "
-            f"{shown}" + (f"; and {more} more" if more > 0 else ""),
-            where=path,
-            hint='each line must be one JSON object: {"text"}, {"prompt", "completion"} '
-            'or {"messages": [{"role", "content"}, ...]}; fix or remove the lines listed',
-        )
-
-
-def line_ranges(numbers: list[int]) -> str:
-    """``[1, 2, 3, 7]`` -> ``"1-3, 7"``."""
-    out: list[str] = []
-    for n in sorted(set(numbers)):
-        if out and out[-1].split("-")[-1] == str(n - 1):
-            out[-1] = out[-1].split("-")[0] + f"-{n}"
-        else:
-            out.append(str(n))
-    return ", ".join(out)
+__all__ = [
+    "MAX_REPORTED",
+    "BadDataError",
+    "Record",
+    "file_sha256",
+    "holdout",
+    "jsonl_rows",
+    "line_ranges",
+    "parse_record",
+    "read_jsonl",
+]
 
 
 @dataclass
@@ -138,28 +117,6 @@ def parse_record(obj: Any, line: int) -> Record:
     if not completion:
         raise ValueError("'completion' is empty: nothing to train on")
     return Record(line, "prompt_completion", prompt=prompt, completion=completion)
-
-
-def jsonl_rows(
-    lines: Iterable[bytes], problems: list[tuple[int, str]]
-) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed JSON) for each non-blank line; undecodable lines go to ``problems``.
-
-    Shared by every jsonl reader (causal-LM records, retrieval pairs), so a bad line is reported
-    the same way everywhere and none is skipped silently.
-    """
-    for n, raw in enumerate(lines, 1):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            problems.append((n, f"not UTF-8 (byte {e.start})"))
-            continue
-        if not text.strip():
-            continue
-        try:
-            yield n, json.loads(text)
-        except ValueError as e:
-            problems.append((n, f"not valid JSON ({getattr(e, 'msg', e)})"))
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[Record]:
