@@ -49,18 +49,43 @@ def test_prompt_greedy_equals_transformers_generate(
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     prompt = "the adapter"
     want = _reference(tiny_llama_dir, tok(prompt)["input_ids"], adapter_file, 12)
-    r = _run("generate", str(tiny_llama_dir), "--adapter", str(adapter_file), "-p", prompt,
-             "--max-new-tokens", "12")  # fmt: skip
+    r = _run(
+        "generate",
+        str(tiny_llama_dir),
+        "--adapter",
+        str(adapter_file),
+        "-p",
+        prompt,
+        "--max-new-tokens",
+        "12",
+    )
     assert r.exit_code == 0, r.output
     assert r.stdout == want + "\n"
     assert "unmerged" in r.stderr and "tokens/s" in r.stderr
-    merged = _run("generate", str(tiny_llama_dir), "--adapter", str(adapter_file), "-p", prompt,
-                  "--max-new-tokens", "12", "--merged")  # fmt: skip
+    merged = _run(
+        "generate",
+        str(tiny_llama_dir),
+        "--adapter",
+        str(adapter_file),
+        "-p",
+        prompt,
+        "--max-new-tokens",
+        "12",
+        "--merged",
+    )
     assert merged.exit_code == 0 and merged.stdout == want + "\n"
     base = _run("generate", str(tiny_llama_dir), "-p", prompt, "--max-new-tokens", "12")
     assert base.stdout == _reference(tiny_llama_dir, tok(prompt)["input_ids"], None, 12) + "\n"
-    zero = _run("generate", str(tiny_llama_dir), "--adapter", f"{adapter_file}:0", "-p", prompt,
-                "--max-new-tokens", "12")  # fmt: skip
+    zero = _run(
+        "generate",
+        str(tiny_llama_dir),
+        "--adapter",
+        f"{adapter_file}:0",
+        "-p",
+        prompt,
+        "--max-new-tokens",
+        "12",
+    )
     assert zero.stdout == base.stdout != r.stdout
 
 
@@ -73,15 +98,32 @@ def test_chat_turn_from_stdin_uses_the_chat_template(
     )
     ids = tok(text, add_special_tokens=False)["input_ids"]
     want = _reference(tiny_llama_dir, ids, adapter_file, 8)
-    r = _run("generate", str(tiny_llama_dir), "--adapter", str(adapter_file), "--chat",
-             "--max-new-tokens", "8", stdin="hello\n")  # fmt: skip
+    r = _run(
+        "generate",
+        str(tiny_llama_dir),
+        "--adapter",
+        str(adapter_file),
+        "--chat",
+        "--max-new-tokens",
+        "8",
+        stdin="hello\n",
+    )
     assert r.exit_code == 0, r.output
     assert r.stdout == want + "\n"
 
 
 def test_json_is_one_document_on_stdout(tiny_llama_dir: Path, adapter_file: Path) -> None:
-    r = _run("generate", str(tiny_llama_dir), "--adapter", f"{adapter_file}:0.5", "-p", "x",
-             "--max-new-tokens", "5", "--json")  # fmt: skip
+    r = _run(
+        "generate",
+        str(tiny_llama_dir),
+        "--adapter",
+        f"{adapter_file}:0.5",
+        "-p",
+        "x",
+        "--max-new-tokens",
+        "5",
+        "--json",
+    )
     assert r.exit_code == 0 and r.stderr == ""
     doc = json.loads(r.stdout)
     assert doc["adapters"] == [{"path": str(adapter_file), "weight": 0.5}]
@@ -90,8 +132,19 @@ def test_json_is_one_document_on_stdout(tiny_llama_dir: Path, adapter_file: Path
 
 
 def test_seeded_sampling_is_reproducible(tiny_llama_dir: Path) -> None:
-    args = ["generate", str(tiny_llama_dir), "-p", "a", "--temperature", "1.0", "--seed", "3",
-            "--max-new-tokens", "10", "--json"]  # fmt: skip
+    args = [
+        "generate",
+        str(tiny_llama_dir),
+        "-p",
+        "a",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "3",
+        "--max-new-tokens",
+        "10",
+        "--json",
+    ]
     one, two = json.loads(_run(*args).stdout), json.loads(_run(*args).stdout)
     assert one["text"] == two["text"]
 

@@ -41,8 +41,11 @@ def load_base(path: str, *, dtype: str = "auto", device: str = "auto") -> Base:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()  # people's output is ours, on stderr
     torch_dtype: Any = {
-        "auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16
-    }[dtype]  # fmt: skip
+        "auto": "auto",
+        "fp32": torch.float32,
+        "bf16": torch.bfloat16,
+        "fp16": torch.float16,
+    }[dtype]
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)

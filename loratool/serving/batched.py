@@ -72,8 +72,10 @@ def _module_class() -> type[nn.Module]:
                 h = x.to(A.dtype) @ A[rows.uniform].t()
             else:
                 # [b, T, in] @ [b, in, r]: each row through its own adapter's A
-                h = torch.bmm(x.to(A.dtype).reshape(x.shape[0], -1, x.shape[-1]),
-                              A[rows.slots].transpose(1, 2))  # fmt: skip
+                h = torch.bmm(
+                    x.to(A.dtype).reshape(x.shape[0], -1, x.shape[-1]),
+                    A[rows.slots].transpose(1, 2),
+                )
             if rows.uniform is not None:
                 delta = h @ B[rows.uniform].t()
             else:
