@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import constants as C
+from .. import kinds
 from ..adapter import Adapter, BaseBinding, Target
 from ..errors import CompatibilityError, UsageError
 from . import naming
@@ -97,18 +98,18 @@ def _fix_kinds(adapter: Adapter, ckpt: Checkpoint, notes: list[str]) -> None:
     """
     switched = 0
     for name, t in list(adapter.targets.items()):
-        if t.kind == C.KIND_EMBEDDING:
+        if not kinds.get(t.kind).dense:
             continue
         key = ckpt.resolve(name)
         if key is None:
             continue
         shape = tuple(ckpt.shape(key))
-        linear, conv1d = (t.out_features, t.in_features), (t.in_features, t.out_features)
-        kind = t.kind
-        if shape == linear and shape != conv1d:
-            kind = C.KIND_LINEAR
-        elif shape == conv1d and shape != linear:
-            kind = C.KIND_CONV1D
+        fits = [
+            k
+            for k in kinds.linear_like()
+            if kinds.get(k).weight_shape(t.in_features, t.out_features) == shape
+        ]
+        kind = fits[0] if len(fits) == 1 else t.kind  # a square weight keeps the source's kind
         if kind != t.kind:
             adapter.targets[name] = t.replace(kind=kind)
             switched += 1

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import constants as C
+from .. import kinds
 from ..errors import FormatError, UsageError
 from . import naming
 from .kohya import kohya_alpha
@@ -192,7 +193,7 @@ def gguf_tensors(
         b = b.to(out_dtype)
         if t.name.endswith(("q_proj", "k_proj")):
             b = llama_permute(b, _heads(hparams, t.name, t.out_features))
-        if t.kind == C.KIND_EMBEDDING:
+        if kinds.get(t.kind).gguf_a_transposed:
             a = a.T  # llama.cpp gathers lora_a rows by token id (llm_build_inp_embd)
         out.append((gname + ".lora_a", a.contiguous()))
         out.append((gname + ".lora_b", b.contiguous()))
@@ -203,9 +204,10 @@ def gguf_tensors(
 
 
 def _gguf_name(names: Any, t: Target, hparams: Mapping[str, Any]) -> str:
-    if t.kind == C.KIND_CONV1D:
+    kind = kinds.get(t.kind)
+    if not kind.in_gguf:
         raise UsageError(
-            f"target '{t.name}' is a Conv1D layer, not Llama", code="gguf-architecture"
+            f"target '{t.name}' is a {kind.label} layer, not Llama", code="gguf-architecture"
         )
     module = t.name
     for prefix, repl in (("model.language_model.", "model."), ("language_model.", "")):
@@ -226,7 +228,7 @@ def _gguf_name(names: Any, t: Target, hparams: Mapping[str, Any]) -> str:
         raise UsageError(
             f"module '{t.name}' has no llama.cpp tensor name", code="gguf-name", hint=hint
         )
-    if t.kind == C.KIND_EMBEDDING and gname != "token_embd.weight":
+    if not kind.dense and gname != "token_embd.weight":
         raise UsageError(f"embedding LoRA on '{t.name}' is not supported in GGUF", code="gguf-name")
     return str(gname)
 

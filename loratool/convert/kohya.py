@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import constants as C
+from .. import kinds
 from ..adapter import Adapter, Target
 from ..errors import FormatError, UsageError
 from . import naming
@@ -281,7 +282,7 @@ def kohya_state(
 
     from ..format import canonical_json
 
-    bad = [t for t in adapter.targets.values() if t.kind != C.KIND_LINEAR]
+    bad = [t for t in adapter.targets.values() if not kinds.get(t.kind).in_kohya]
     if bad:
         raise UsageError(
             f"kohya LoRA has no {bad[0].kind} layers (target '{bad[0].name}'): kohya applies "

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import constants as C
+from .. import kinds
 from ..adapter import Target
 from ..errors import FormatError
 from . import naming
@@ -25,11 +26,13 @@ from .peft_config import KEY_PREFIX
 _MODULE_NAME = re.compile(r"^[^.\s]+(\.[^.\s]+)*$")
 MAX_NAME_CHARS = 1024
 
-_SUFFIXES = (
-    (".lora_A.weight", "A", False),
-    (".lora_B.weight", "B", False),
-    (".lora_embedding_A", "A", True),
-    (".lora_embedding_B", "B", True),
+# (key suffix, factor, whether the suffix names a lookup kind): from the kinds' PEFT names.
+_SUFFIXES = tuple(
+    dict.fromkeys(
+        (f".{name}", factor, not kind.dense)
+        for kind in kinds.REGISTRY.values()
+        for name, factor in zip(kind.peft_names, "AB", strict=True)
+    )
 )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import constants as C
+from .. import kinds
 from ..adapter import Adapter
 from . import naming
 from ._st import json_text
@@ -44,7 +45,7 @@ def peft_config(
     ranks = {t.name: t.rank for t in ts}
     r = naming.most_common(ranks.values())
     lora_alpha = naming.most_common(alphas.values())
-    kinds = {t.kind for t in ts}
+    used = {kinds.get(t.kind) for t in ts}
     cfg: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -59,7 +60,7 @@ def peft_config(
             k: _plain(v) for k, v in naming.suffix_patterns(alphas, lora_alpha).items()
         },
         "lora_dropout": 0.0,
-        "fan_in_fan_out": C.KIND_CONV1D in kinds,
+        "fan_in_fan_out": any(k.transposed and k.dense for k in used),  # PEFT: Conv1D layers
         "bias": "none",
         "modules_to_save": None,
         "init_lora_weights": True,
@@ -144,12 +145,9 @@ def write_peft(
     cfg = peft_config(adapter, base_model=base_id, task_type=task_type or _infer_task_type(adapter))
     tensors = {}
     for t in adapter.targets.values():
-        if t.kind == C.KIND_EMBEDDING:
-            tensors[f"{KEY_PREFIX}{t.name}.lora_embedding_A"] = t.lora_A
-            tensors[f"{KEY_PREFIX}{t.name}.lora_embedding_B"] = t.lora_B
-        else:
-            tensors[f"{KEY_PREFIX}{t.name}.lora_A.weight"] = t.lora_A
-            tensors[f"{KEY_PREFIX}{t.name}.lora_B.weight"] = t.lora_B
+        a_name, b_name = kinds.get(t.kind).peft_names
+        tensors[f"{KEY_PREFIX}{t.name}.{a_name}"] = t.lora_A
+        tensors[f"{KEY_PREFIX}{t.name}.{b_name}"] = t.lora_B
     blob = st_bytes(tensors, {"format": "pt"})
     with atomic_dir(out_dir, force=force) as tmp:
         (tmp / WEIGHTS_NAME).write_bytes(blob)

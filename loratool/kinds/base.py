@@ -17,6 +17,7 @@ class Kind:
     """One layer kind. Subclasses set the class attributes and override what differs."""
 
     name: ClassVar[str]
+    label: ClassVar[str]  # the layer's name in messages ("Linear", "Conv1D", "Embedding")
     # The base stores its weight [in, out] (Conv1D, Embedding) rather than [out, in] (Linear).
     transposed: ClassVar[bool] = False
     # Input is a dense vector (matmul layers); False for lookups by token id.
@@ -25,6 +26,8 @@ class Kind:
     peft_names: ClassVar[tuple[str, str]] = ("lora_A.weight", "lora_B.weight")
     # kohya's LoRA network holds this kind (lora_down/lora_up on nn.Linear weights).
     in_kohya: ClassVar[bool] = False
+    # llama.cpp's LoRA adapters (Llama-family GGUF bases) have this layer.
+    in_gguf: ClassVar[bool] = True
     # llama.cpp gathers lora_a rows by token id for embeddings (llm_build_inp_embd).
     gguf_a_transposed: ClassVar[bool] = False
 

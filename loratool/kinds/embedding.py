@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 class Embedding(Kind):
     name: ClassVar[str] = C.KIND_EMBEDDING
+    label: ClassVar[str] = "Embedding"
     transposed: ClassVar[bool] = True
     dense: ClassVar[bool] = False
     peft_names: ClassVar[tuple[str, str]] = ("lora_embedding_A", "lora_embedding_B")

@@ -13,6 +13,7 @@ class Linear(Kind):
     """``nn.Linear``; the only kind kohya's LoRA network (lora_down/lora_up) holds."""
 
     name: ClassVar[str] = C.KIND_LINEAR
+    label: ClassVar[str] = "Linear"
     in_kohya: ClassVar[bool] = True
 
     def wraps(self, module: Any) -> bool:
@@ -25,6 +26,8 @@ class Conv1D(Kind):
     """transformers' ``Conv1D`` (GPT-2): PEFT sets ``fan_in_fan_out`` for it."""
 
     name: ClassVar[str] = C.KIND_CONV1D
+    label: ClassVar[str] = "Conv1D"
+    in_gguf: ClassVar[bool] = False  # GPT-2-style bases are not Llama: llama.cpp has no such LoRA
     transposed: ClassVar[bool] = True
 
     def wraps(self, module: Any) -> bool:
