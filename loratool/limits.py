@@ -222,7 +222,7 @@ def safe_regex(
 def _unsafe(pattern: str, what: str, why: str, where: str | None) -> FormatError:
     return FormatError(
         f"{what} pattern {pattern[:80]!r} could take exponential time to match: {why}",
-        code="unsafe-regex",
+        code="bad-config",  # the config field is what is wrong (as PEFT would hang on it too)
         where=where,
         hint="list the module names instead, or use a pattern without nested repetition",
     )
@@ -261,7 +261,7 @@ def match_deadline(
     except _Timeout:
         raise FormatError(
             f"matching the {what} pattern took more than {seconds:g} s",
-            code="unsafe-regex",
+            code="bad-config",  # the config field is what is wrong (as PEFT would hang on it too)
             where=where,
             hint="list the module names instead, or use a simpler pattern",
         ) from None

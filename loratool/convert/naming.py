@@ -21,15 +21,11 @@ import re
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from ..errors import CompatibilityError, FormatError
+from ..errors import CompatibilityError
 
 V = TypeVar("V", bound=Hashable)
 
 ALL_LINEAR = "all-linear"  # PEFT's INCLUDE_LINEAR_LAYERS_SHORTHAND
-MAX_PATTERN_CHARS = 1000
-# A group that repeats and contains a repeat, e.g. "(a+)+" or "(.*x)*": the shape of patterns that
-# backtrack exponentially in Python's re. PEFT would hang on them too; we refuse them up front.
-_NESTED_QUANTIFIER = re.compile(r"\((?:[^()\\]|\\.)*[+*}](?:[^()\\]|\\.)*\)\s*[+*{]")
 
 # A Hub repo id as huggingface_hub validates it: "name" or "namespace/name", word characters,
 # '-' and '.', no '--' or '..', at most 96 characters.
@@ -46,26 +42,25 @@ def is_hub_id(value: object) -> bool:
 
 
 def check_pattern(pattern: str, *, what: str, where: str) -> re.Pattern[str]:
-    """Compile a regex from an adapter config, refusing ones too long or prone to blow up."""
-    if len(pattern) > MAX_PATTERN_CHARS:
-        raise FormatError(
-            f"{what} pattern is {len(pattern)} characters (limit {MAX_PATTERN_CHARS})",
-            code="bad-config",
-            where=where,
-        )
-    if _NESTED_QUANTIFIER.search(pattern):
-        raise FormatError(
-            f"{what} pattern {pattern!r} nests repetitions, which can make matching take forever",
-            code="bad-config",
-            where=where,
-            hint="use a simpler pattern (a list of module name suffixes)",
-        )
-    try:
-        return re.compile(pattern)
-    except re.error as e:
-        raise FormatError(
-            f"{what} pattern {pattern!r} is not a valid regex ({e})", code="bad-config", where=where
-        ) from None
+    """Compile a regex from an adapter config, refusing ones too long or prone to blow up.
+
+    ``limits.safe_regex`` decides (no repeated group holding a repetition or a choice, few
+    unbounded repetitions, no back-references, bounded length); ``what`` names the field.
+    """
+    from ..limits import safe_regex
+
+    return safe_regex(pattern, what=what, where=where)
+
+
+def composite_patterns(key: str, value: str) -> list[str]:
+    """The regexes PEFT builds around a config string (``value`` inside a larger pattern)."""
+    if key in ("rank_pattern", "alpha_pattern"):
+        return [rf"(.*\.)?({value})$"]
+    if key == "modules_to_save":
+        return [rf"(^|.*\.){value}($|\..*)"]
+    if key == "layers_pattern":
+        return [rf"(?:^|.*?\.){value}\.(?P<idx>\d+)\."]
+    return [value]
 
 
 def get_pattern_key(pattern_keys: Iterable[str], module: str) -> str | None:
@@ -107,7 +102,8 @@ def target_selected(config: Mapping[str, Any], key: str) -> bool:
                 return False
         elif key in exclude or any(key.endswith(f".{e}") for e in exclude):
             return False
-    for m in config.get("modules_to_save") or ():
+    saved = config.get("modules_to_save") or ()
+    for m in [saved] if isinstance(saved, str) else saved:  # a lone string is one name
         if re.match(rf"(^|.*\.){m}($|\..*)", key):
             return False
     targets = config.get("target_modules")

@@ -77,7 +77,8 @@ def check_config(cfg: Any, where: str) -> dict[str, Any]:
         if not isinstance(pats, dict):
             raise bad(f"{key} must be an object, got {type(pats).__name__}")
         for k, v in pats.items():
-            naming.check_pattern(k, what=key, where=where)
+            for pattern in naming.composite_patterns(key, k):
+                naming.check_pattern(pattern, what=key, where=where)
             if not check(v):
                 raise bad(f"{key}[{k!r}] must be {what}, got {v!r}")
         out[key] = pats
@@ -106,7 +107,8 @@ def check_config(cfg: Any, where: str) -> dict[str, Any]:
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             raise bad(f"{key} must be a list of names")
         for v in values:
-            naming.check_pattern(v, what=key, where=where)
+            for pattern in naming.composite_patterns(key, v):
+                naming.check_pattern(pattern, what=key, where=where)
     layers = out.get("layers_to_transform")
     if layers is not None and not (
         (isinstance(layers, int) and not isinstance(layers, bool))
