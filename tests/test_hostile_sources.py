@@ -312,7 +312,7 @@ def test_headers_that_lie_about_sizes(
 
 # -- GGUF ---------------------------------------------------------------------------------------
 
-GGUF_TYPES = list(range(0, 16)) + [99, 2**32 - 1]
+GGUF_TYPES = [*range(16), 99, 2**32 - 1]
 
 
 def _gguf_string(s: bytes, length: int | None = None) -> bytes:
