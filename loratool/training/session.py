@@ -36,8 +36,8 @@ from .runtime import Dist, enable_checkpointing
 class Session:
     """One run's shared state and loop; a trainer fills in the hooks at the end of the class."""
 
-    # Whether the last step is checkpointed too (with --save-every): the causal-LM trainer does,
-    # so a finished run can be extended with more --max-steps; the embedding trainer never did.
+    # Whether the last step is checkpointed too (with --save-every): the causal-LM trainer always
+    # did, the embedding trainer never did (it writes the adapter); each keeps what it did.
     save_last: ClassVar[bool] = True
     resume_rules: ClassVar[S.ResumeRules] = S.CAUSAL_LM
 
