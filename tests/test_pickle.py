@@ -269,3 +269,92 @@ def test_pickle_module_is_not_imported_by_the_core() -> None:
     code = "import sys, loratool, loratool.sources; print('loratool.unpickle' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+# -- convert --allow-pickle ---------------------------------------------------------------------
+
+
+def _peft_pickle_dir(tmp_path: Path, weights: dict[str, object] | None = None) -> Path:
+    import json
+
+    d = tmp_path / "peft-old"
+    d.mkdir()
+    g = torch.Generator().manual_seed(0)
+    tensors = weights or {
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(
+            2, 8, generator=g
+        ),
+        "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(
+            8, 2, generator=g
+        ),
+    }
+    torch.save(tensors, d / "adapter_model.bin")
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_convert_refuses_pickles_by_default_and_reads_them_with_the_flag(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from loratool.cli import cli
+    from loratool.format import load
+
+    src = _peft_pickle_dir(tmp_path)
+    out = tmp_path / "out.safetensors"
+    r = CliRunner().invoke(cli, ["convert", str(src), "-o", str(out)])
+    assert r.exit_code == 3 and r.stderr.startswith("error[pickle]") and not out.exists()
+    r = CliRunner().invoke(cli, ["convert", str(src), "-o", str(out), "--allow-pickle"])
+    assert r.exit_code == 0, r.stderr
+    # The same adapter as converting a safetensors twin of the folder.
+    twin = tmp_path / "twin"
+    twin.mkdir()
+    (twin / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    save_file(
+        torch.load(src / "adapter_model.bin", weights_only=True), twin / "adapter_model.safetensors"
+    )
+    r = CliRunner().invoke(cli, ["convert", str(twin), "-o", str(tmp_path / "twin.safetensors")])
+    assert r.exit_code == 0, r.stderr
+    got, want = load(out).state_dict(), load(tmp_path / "twin.safetensors").state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_convert_with_the_flag_still_refuses_a_malicious_pickle(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from loratool.cli import cli
+
+    marker = tmp_path / "PWNED"
+    src = _peft_pickle_dir(tmp_path)
+    template = tmp_path / "template.bin"
+    (src / "adapter_model.bin").rename(template)
+    with_data_pkl(
+        template, reduce_call("os", "system", f"touch {marker}"), src / "adapter_model.bin"
+    )
+    out = tmp_path / "out.safetensors"
+    r = CliRunner().invoke(cli, ["convert", str(src), "-o", str(out), "--allow-pickle"])
+    assert r.exit_code == 3 and r.stderr.startswith("error[pickle-refused]"), r.stderr
+    assert "Traceback" not in r.stderr and not marker.exists() and not out.exists()
+
+
+def test_convert_kohya_pt_with_the_flag(tmp_path: Path) -> None:
+    from loratool.convert import convert
+
+    g = torch.Generator().manual_seed(0)
+    src = tmp_path / "style.pt"
+    torch.save(
+        {
+            "lora_unet_down_blocks_0_attentions_0_to_q.lora_down.weight": torch.randn(
+                2, 8, generator=g
+            ),
+            "lora_unet_down_blocks_0_attentions_0_to_q.lora_up.weight": torch.randn(
+                8, 2, generator=g
+            ),
+            "lora_unet_down_blocks_0_attentions_0_to_q.alpha": torch.tensor(2.0),
+        },
+        src,
+    )
+    report = convert(src, tmp_path / "out.safetensors", allow_pickle=True)
+    assert report["source"] == str(src) and report["targets"] == 1
+    assert any("restricted unpickler" in n for n in report["notes"])

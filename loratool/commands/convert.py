@@ -35,9 +35,22 @@ from ..console import emit_json, human_bytes, info
     "modules, and bind the output to it (needed for --to gguf).",
 )
 @click.option("--force", is_flag=True, help="Replace DST if it exists.")
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Read old pickled weights (adapter_model.bin, kohya .pt/.ckpt) with a restricted "
+    "unpickler that accepts only tensors and plain containers. Default: refuse them.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
 def command(
-    src: str, dst: str, to: str, dtype: str | None, base: str | None, force: bool, as_json: bool
+    src: str,
+    dst: str,
+    to: str,
+    dtype: str | None,
+    base: str | None,
+    force: bool,
+    allow_pickle: bool,
+    as_json: bool,
 ) -> None:
     """Convert the adapter at SRC and write it to DST.
 
@@ -48,7 +61,9 @@ def command(
     """
     from ..convert import convert
 
-    report = convert(src, dst, to=to, dtype=dtype, base=base, force=force)
+    report = convert(
+        src, dst, to=to, dtype=dtype, base=base, force=force, allow_pickle=allow_pickle
+    )
     if as_json:
         emit_json(report)
         return

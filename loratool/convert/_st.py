@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 # Factors may be f32/f16/bf16 (what loratool stores); kohya's 0-d alpha is sometimes f64.
 SOURCE_DTYPES: dict[str, int] = {**C.DTYPE_SIZES, "F64": 8}
-MAX_JSON_BYTES = 16 << 20  # an adapter_config.json is a few KB; bound what we parse
 
 
 @dataclass
@@ -94,31 +93,36 @@ class StFile:
 
 def open_st(path: str | os.PathLike[str]) -> StFile:
     """Parse and validate a safetensors header (no tensor data read, no torch imported)."""
+    from .. import limits
+
     p = os.fspath(path)
     head, size = read_head(p)
+    limits.check_adapter_bytes(size, what="the adapter file", where=p)
     n, tensors, meta = parse_container(head, size, p, dtypes=SOURCE_DTYPES)
+    # A target has two factors (and kohya an alpha, PEFT an embedding copy): bound the tensors.
+    limits.check_targets(len(tensors) // 2, where=p)
     return StFile(p, size, C.HEADER_LENGTH_BYTES + n, tensors, meta)
 
 
 def read_json(path: str | os.PathLike[str], *, what: str, code: str = "bad-config") -> Any:
     """A small JSON file, bounded and strict (no NaN, no duplicate keys)."""
+    from .. import limits
     from ..format import strict_loads
 
     p = os.fspath(path)
+    limit = limits.max_json_bytes()
     try:
-        size = os.path.getsize(p)
-        if size > MAX_JSON_BYTES:
-            raise FormatError(
-                f"{what} is {size} bytes (limit {MAX_JSON_BYTES})", code=code, where=p
-            )
+        limits.check_json_bytes(os.path.getsize(p), what=what, where=p)
         with open(p, "rb") as f:
-            raw = f.read(MAX_JSON_BYTES + 1)
+            raw = f.read(limit + 1)
     except OSError as e:
         raise FormatError(f"cannot read {what} ({e.strerror})", code=code, where=p) from None
+    limits.check_json_bytes(len(raw), what=what, where=p)  # it grew since the stat
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise FormatError(f"{what} is not UTF-8", code=code, where=p) from None
+    limits.check_json(text, what=what, where=p)
     return strict_loads(text, code=code, what=what, where=p)
 
 

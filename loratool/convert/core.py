@@ -226,13 +226,27 @@ def convert(
     dtype: str | None = None,
     base: str | os.PathLike[str] | None = None,
     force: bool = False,
+    allow_pickle: bool = False,
 ) -> dict[str, Any]:
     """Convert the adapter at ``src`` to ``to`` at ``dst``; returns a JSON-ready report.
 
     ``dtype`` ("f32", "f16", "bf16") casts the factors (one rounding from the stored values).
     ``base`` (a checkpoint folder or file) is checked against the adapter before anything is
     written and becomes the binding. Refuses an existing ``dst`` unless ``force``.
+    ``allow_pickle`` reads old pickled weights with the restricted unpickler (``pickled``).
     """
+    if allow_pickle:
+        from .pickled import holds_pickle, staged
+
+        if holds_pickle(src):
+            with staged(src) as twin:
+                report = convert(twin, dst, to=to, dtype=dtype, base=base, force=force)
+            report["source"] = os.fspath(src)
+            report["notes"].append(
+                "read from a pickle with the restricted unpickler (tensors only); "
+                "the output is safetensors, so the pickle need never be read again"
+            )
+            return report
     from .._io import check_output
 
     started = time.perf_counter()
