@@ -379,3 +379,39 @@ def test_truncated_and_flipped_bytes(
             raw[pos] = byte
     target.write_bytes(bytes(raw[: max(0, len(raw) - cut)]))
     read_fully(d if fmt == "peft" else target)
+
+
+# -- resource bounds and their overrides --------------------------------------------------------
+
+
+def test_limits_refuse_with_the_variable_to_raise(
+    peft_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var, value in (
+        ("LORATOOL_MAX_TARGETS", "1"),
+        ("LORATOOL_MAX_JSON_BYTES", "20"),
+        ("LORATOOL_MAX_ADAPTER_BYTES", "100"),
+        ("LORATOOL_MAX_JSON_DEPTH", "0"),
+    ):
+        with monkeypatch.context() as m:
+            m.setenv(var, value)
+            if var == "LORATOOL_MAX_JSON_DEPTH":
+                m.setenv(var, "1")
+                cfg = json.loads((peft_dir / "adapter_config.json").read_text())
+                d = _peft_copy(peft_dir, tmp_path / "deep")
+                (d / "adapter_config.json").write_text(json.dumps({**cfg, "x": [[1]]}))
+            else:
+                d = peft_dir
+            with pytest.raises(LoratoolError) as e:
+                open_adapter(d)
+            assert e.value.code == "too-large" and var in (e.value.hint or ""), (var, e.value)
+    assert read_fully(peft_dir) == "ok"  # defaults again
+
+
+def test_a_bad_limit_value_is_a_usage_error(
+    peft_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LORATOOL_MAX_TARGETS", "lots")
+    with pytest.raises(LoratoolError) as e:
+        open_adapter(peft_dir)
+    assert e.value.code == "bad-limit" and e.value.exit_code == 2
