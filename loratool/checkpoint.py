@@ -30,6 +30,11 @@ ALL_DTYPES: dict[str, int] = {
 }  # fmt: skip
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+# diffusers model folders (unet/, transformer/, vae/) name their weights differently; the index
+# and the shards follow the same Hugging Face rules (diffusers.utils.constants).
+DIFFUSERS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+DIFFUSERS_SINGLE_NAME = "diffusion_pytorch_model.safetensors"
+LAYOUTS = ((INDEX_NAME, SINGLE_NAME), (DIFFUSERS_INDEX_NAME, DIFFUSERS_SINGLE_NAME))
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,8 @@ class Checkpoint:
         self.path = Path(path)
         self.is_dir = self.path.is_dir()
         self.index: dict[str, object] | None = None  # the parsed index.json of a sharded dir
+        self.index_name = INDEX_NAME  # its file name (diffusers folders use their own)
+        self._aliases: dict[str, str] | None = None  # module weight → key (single-file SD)
         self.shards = self._find_shards()
         self.entries: dict[str, Entry] = {}
         self.shard_metadata: dict[Path, dict[str, str]] = {}
@@ -96,7 +103,22 @@ class Checkpoint:
                     hint="save the model with safetensors (save_pretrained(..., safe_serialization=True))",
                 )  # fmt: skip
             return [p]
-        index = p / INDEX_NAME
+        for index_name, single_name in LAYOUTS:
+            shards = self._layout_shards(p / index_name, p / single_name)
+            if shards is not None:
+                return shards
+        pickles = [f.name for f in p.iterdir() if is_pickle(f)]
+        hint = (
+            f"found only pickle weights ({', '.join(sorted(pickles))}); re-save them with safetensors"
+            if pickles
+            else f"expected {SINGLE_NAME} or {DIFFUSERS_SINGLE_NAME} (or their index.json)"
+        )
+        raise FormatError(
+            "no safetensors weights in this directory", code="not-found", where=str(p), hint=hint
+        )
+
+    def _layout_shards(self, index: Path, single: Path) -> list[Path] | None:
+        """The shards an index lists, the single weights file, or None when neither is here."""
         if index.exists():
             try:
                 doc = json.loads(index.read_text())
@@ -106,7 +128,7 @@ class Checkpoint:
                 raise FormatError(
                     f"unreadable index ({e})", code="bad-index", where=str(index)
                 ) from None
-            self.index = doc
+            self.index, self.index_name = doc, index.name
             shards = []
             for name in names:
                 if not isinstance(name, str) or "/" in name or "\\" in name or name.startswith("."):
@@ -115,25 +137,17 @@ class Checkpoint:
                         code="bad-index",
                         where=str(index),
                     )
-                if not (p / name).exists():
+                if not (index.parent / name).exists():
                     raise FormatError(
                         f"shard '{name}' listed in the index is missing",
                         code="bad-index",
                         where=str(index),
                     )
-                shards.append(p / name)
+                shards.append(index.parent / name)
             return shards
-        if (p / SINGLE_NAME).exists():
-            return [p / SINGLE_NAME]
-        pickles = [f.name for f in p.iterdir() if is_pickle(f)]
-        hint = (
-            f"found only pickle weights ({', '.join(sorted(pickles))}); re-save them with safetensors"
-            if pickles
-            else "expected model.safetensors or model.safetensors.index.json"
-        )
-        raise FormatError(
-            "no safetensors weights in this directory", code="not-found", where=str(p), hint=hint
-        )
+        if single.exists():
+            return [single]
+        return None
 
     # -- names and shapes ---------------------------------------------------------------------
 
@@ -152,17 +166,29 @@ class Checkpoint:
         exact = module + ".weight"
         if exact in self.entries:
             return exact
+        alias = self.aliases().get(exact)
+        if alias is not None:
+            return alias
         candidates = {k for k in self.entries if k.endswith("." + exact)}
         parts = module.split(".", 1)
         if len(parts) == 2 and parts[1] + ".weight" in self.entries:
             candidates.add(parts[1] + ".weight")
         return candidates.pop() if len(candidates) == 1 else None
 
+    def aliases(self) -> dict[str, str]:
+        """diffusers weight names → keys, for an original SD single-file checkpoint (else {})."""
+        if self._aliases is None:
+            from .layouts import is_single_file_sd, unet_aliases
+
+            keys = self.entries.keys()
+            self._aliases = unet_aliases(keys) if is_single_file_sd(keys) else {}
+        return self._aliases
+
     def fingerprint_for(self, adapter: Adapter) -> str:
         """Spec §4.3 fingerprint of this base over the adapter's target names (as the adapter names them)."""
         pairs = []
         for t in adapter.targets.values():
-            key = self.resolve(t.name)
+            key = self.resolve(t.name, t.weight_name[len(t.name) :])
             pairs.append((t.weight_name, self.shape(key) if key else ()))
         return fingerprint(pairs)
 
@@ -174,7 +200,7 @@ class Checkpoint:
         """
         keys: dict[str, str] = {}
         for t in sorted(adapter.targets.values(), key=lambda t: t.name):
-            key = self.resolve(t.name)
+            key = self.resolve(t.name, t.weight_name[len(t.name) :])  # M.bias for bias-only kinds
             if key is None:
                 raise CompatibilityError(
                     f"target '{t.name}' has no weight in the base",
@@ -243,5 +269,5 @@ class Checkpoint:
         """Non-weight files of a checkpoint directory (config, tokenizer, ...), top level and below."""
         if not self.is_dir:
             return []
-        skip = {*self.shards, self.path / INDEX_NAME}
+        skip = {*self.shards, self.path / self.index_name}
         return sorted(f for f in self.path.rglob("*") if f.is_file() and f not in skip)

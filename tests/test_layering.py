@@ -60,6 +60,7 @@ LAYERS: dict[str, int] = {
     "adapter": 2,
     "format": 3,
     "checkpoint": 4,
+    "layouts": 4,
     "stream": 4,
     "sources": 4,
     # operations
@@ -72,6 +73,7 @@ LAYERS: dict[str, int] = {
     "lowrank": 5,
     "lora": 5,
     "training": 5,
+    "quant": 5,
     "retrieval": 5,
     "serving": 5,
     # the command line

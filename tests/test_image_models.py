@@ -1,0 +1,65 @@
+"""Image-model bases: the tiny diffusers fixtures, their folder layouts and the single-file map."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+
+import image_models  # noqa: E402
+
+from loratool.checkpoint import Checkpoint  # noqa: E402
+from loratool.layouts import diffusers_unet_to_single, unet_aliases  # noqa: E402
+
+
+def _load(path: Path) -> dict[str, object]:
+    from safetensors.torch import load_file
+
+    return dict(load_file(str(path)))
+
+
+def test_diffusers_folders_open_as_checkpoints() -> None:
+    one = Checkpoint(image_models.unet_dir())
+    sharded = Checkpoint(image_models.unet_dir("tiny-sd-sharded"))
+    assert len(sharded.shards) >= 3 and sharded.index is not None
+    assert sharded.index_name == "diffusion_pytorch_model.safetensors.index.json"
+    assert [p.name for p in one.shards] == ["diffusion_pytorch_model.safetensors"]
+    assert set(one.entries) == set(sharded.entries)
+    assert [f.name for f in sharded.other_files()] == ["config.json"]
+    flux = Checkpoint(image_models.flux_dir())
+    assert flux.resolve("single_transformer_blocks.0.attn.to_q") is not None
+
+
+def test_single_file_names_are_diffusers_inverse() -> None:
+    """diffusers' own convert_ldm_unet_checkpoint reads our single file back to the UNet."""
+    pytest.importorskip("diffusers")
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    single = _load(image_models.single_file())
+    config = json.loads((image_models.unet_dir() / "config.json").read_text())
+    ref = _load(image_models.unet_dir() / "diffusion_pytorch_model.safetensors")
+    back = convert_ldm_unet_checkpoint(single, config)
+    assert set(back) == set(ref)
+    assert all(back[k].equal(ref[k]) for k in ref)  # type: ignore[attr-defined]
+    aliases = unet_aliases(single)
+    assert all(single[aliases[k]].equal(ref[k]) for k in ref)  # type: ignore[attr-defined]
+    assert diffusers_unet_to_single(ref) == {k: aliases[k] for k in ref}
+
+
+def test_single_file_resolves_diffusers_module_paths() -> None:
+    ckpt = Checkpoint(image_models.single_file())
+    key = ckpt.resolve("down_blocks.1.attentions.0.proj_in")
+    assert key == "model.diffusion_model.input_blocks.4.1.proj_in.weight"
+    assert ckpt.resolve("unet.up_blocks.0.upsamplers.0.conv") == (
+        "model.diffusion_model.output_blocks.2.2.conv.weight"
+    )
+    assert ckpt.resolve("text_encoder.text_model.encoder.layers.0.self_attn.q_proj") == (
+        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+    )
+    assert ckpt.resolve("mid_block.resnets.1.conv2") == (
+        "model.diffusion_model.middle_block.2.out_layers.3.weight"
+    )
