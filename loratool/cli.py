@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from pathlib import Path
 from typing import Any
 
 import click
@@ -62,6 +63,17 @@ class LazyGroup(click.Group):
         except LoratoolError as e:
             print_error(e)
             ctx.exit(e.exit_code)
+        except OSError as e:
+            # A full disk outside the atomic helpers (the Hugging Face cache during pull, say):
+            # one line and exit 7. Any other OSError is a bug and keeps its traceback.
+            from ._io import disk_full_errno, disk_full_error
+
+            code = disk_full_errno(e)
+            if code is None:
+                raise
+            err = disk_full_error(code, Path(e.filename or "."))
+            print_error(err)
+            ctx.exit(err.exit_code)
         except KeyboardInterrupt:
             print_error(
                 LoratoolError("interrupted", code="interrupted", hint="run the command again")
@@ -81,7 +93,7 @@ def cli() -> None:
     """loratool: train, store, inspect, merge, reduce and share LoRA adapters.
 
     Exit codes: 0 ok, 2 usage, 3 invalid file, 4 adapter does not fit the base,
-    5 Hub or network, 6 training failed, 130 interrupted.
+    5 Hub or network, 6 training failed, 7 disk full, 130 interrupted.
     """
 
 

@@ -23,9 +23,15 @@ T = TypeVar("T")
 
 def print_error(e: LoratoolError) -> None:
     """``error[code]: where: message`` and ``hint: ...`` on stderr, one line each."""
-    click.secho(f"error[{e.code}]: {e}", fg="red", err=True)
+    click.secho(f"error[{e.code}]: {printable(str(e))}", fg="red", err=True)
     if e.hint:
-        click.echo(f"hint: {e.hint}", err=True)
+        click.echo(f"hint: {printable(e.hint)}", err=True)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped: a hostile tensor or module name in a message
+    cannot break the one-line error format or send terminal escape codes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def warn(message: str) -> None:

@@ -12,6 +12,8 @@ timer stops a hang, which also counts as a failure). ``CASES`` is the number of 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import signal
 import struct
@@ -29,6 +31,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from loratool.console import print_error  # noqa: E402
 from loratool.errors import LoratoolError  # noqa: E402
 from loratool.sources import open_adapter  # noqa: E402
 
@@ -70,8 +73,14 @@ def read_fully(path: Path) -> str:
             opened.adapter.state_dict()
         except LoratoolError as e:
             # A hostile name can put control characters in the message; the CLI's one error
-            # boundary must escape them (see the note in the reliability README section).
+            # boundary escapes them, so what a user sees is always one line (plus the hint).
             assert e.message and e.code, e
+            shown = io.StringIO()
+            with contextlib.redirect_stderr(shown):
+                print_error(e)
+            lines = shown.getvalue().splitlines()
+            assert len(lines) == (2 if e.hint else 1), lines
+            assert all(line.isprintable() for line in lines), lines
             return e.code
     return "ok"
 

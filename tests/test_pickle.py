@@ -358,3 +358,31 @@ def test_convert_kohya_pt_with_the_flag(tmp_path: Path) -> None:
     report = convert(src, tmp_path / "out.safetensors", allow_pickle=True)
     assert report["source"] == str(src) and report["targets"] == 1
     assert any("restricted unpickler" in n for n in report["notes"])
+
+
+def test_inspect_refuses_pickles_by_default_and_reads_them_with_the_flag(tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from loratool.cli import cli
+
+    src = _peft_pickle_dir(tmp_path)
+    r = CliRunner().invoke(cli, ["inspect", str(src), "--json"])
+    assert r.exit_code == 3 and r.stderr.startswith("error[pickle]")
+    r = CliRunner().invoke(cli, ["inspect", str(src), "--json", "--stats", "--allow-pickle"])
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["path"] == str(src) and doc["source_format"] == "peft"
+    assert [t["name"] for t in doc["targets"]] == ["model.layers.0.self_attn.q_proj"]
+    assert doc["targets"][0]["rank"] == 2 and doc["targets"][0]["delta_norm"] > 0
+
+    marker = tmp_path / "PWNED"
+    template = tmp_path / "template.bin"
+    (src / "adapter_model.bin").rename(template)
+    with_data_pkl(
+        template, reduce_call("os", "system", f"touch {marker}"), src / "adapter_model.bin"
+    )
+    r = CliRunner().invoke(cli, ["inspect", str(src), "--allow-pickle"])
+    assert r.exit_code == 3 and r.stderr.startswith("error[pickle-refused]"), r.stderr
+    assert not marker.exists()

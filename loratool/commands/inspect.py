@@ -30,13 +30,32 @@ TABLE_ROWS = 24  # a long table is cut to this many rows plus a summary line, un
     is_flag=True,
     help=f"List every target (default: the first {TABLE_ROWS} in natural order; --json always has every target).",
 )
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Read old pickled weights (adapter_model.bin, .pt, .ckpt) with a restricted unpickler "
+    "that accepts only tensors and plain containers.",
+)
 def command(
-    path: str, as_json: bool, stats: bool, plot: str | None, force: bool, show_all: bool
+    path: str,
+    as_json: bool,
+    stats: bool,
+    plot: str | None,
+    force: bool,
+    show_all: bool,
+    allow_pickle: bool,
 ) -> None:
     """Summarise the adapter at PATH (a loratool file or any format `convert` reads)."""
     from ..inspect import describe
 
-    doc = describe(path, stats=stats or plot is not None)
+    if allow_pickle:
+        from ..convert.pickled import staged
+
+        with staged(path) as safe:  # a temporary safetensors twin, read like any other file
+            doc = describe(safe, stats=stats or plot is not None)
+        doc["path"] = path
+    else:
+        doc = describe(path, stats=stats or plot is not None)
     if plot:
         from ..plot import plot_spectra
 
