@@ -10,10 +10,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
 
-import image_models  # noqa: E402
+import image_models
 
-from loratool.checkpoint import Checkpoint  # noqa: E402
-from loratool.layouts import diffusers_unet_to_single, unet_aliases  # noqa: E402
+from loratool.checkpoint import Checkpoint
+from loratool.layouts import diffusers_unet_to_single, unet_aliases
 
 
 def _load(path: Path) -> dict[str, object]:
