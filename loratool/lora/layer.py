@@ -77,11 +77,18 @@ class LoraLayer(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base_w = self.base.weight
         kind = self.kind_spec
         drop = self.dropout
         # nn.Dropout is fused; any other module put in its place takes the plain autograd path.
-        if kind.dense and not base_w.requires_grad and (drop is None or type(drop) is nn.Dropout):
+        # So does a quantised base (loratool/quant): its own autograd keeps the weight packed,
+        # where the fused path would save every layer's dequantised weight for backward.
+        fusable = kind.dense and not getattr(self.base, "quantized", False)
+        base_w = self.base.weight if fusable else None
+        if (
+            base_w is not None
+            and not base_w.requires_grad
+            and (drop is None or type(drop) is nn.Dropout)
+        ):
             p = drop.p if drop is not None and self.training else 0.0
             bias = getattr(self.base, "bias", None)
             y: torch.Tensor = FusedLora.apply(
