@@ -56,22 +56,31 @@ def fingerprint(weights: Iterable[tuple[str, Iterable[int]]]) -> str:
 
 
 class Target:
-    """One adapted module: its factors and the numbers that say how to apply them."""
+    """One adapted module: its tensors and the numbers that say how to apply them.
+
+    A 1.0 target is a LoRA pair (``lora_A``, ``lora_B``). Spec 1.1 adds ``features`` (DoRA's
+    magnitude, a LoRA bias, a bias delta: each one more tensor, §3.5) and kinds that own other
+    tensors (§3.6, ``fields`` holding their header fields); ``parts()`` names every tensor the
+    target stores, as its kind says, and ``part(name)`` loads one.
+    """
 
     def __init__(
         self,
         name: str,
         *,
-        rank: int,
-        alpha: float,
-        in_features: int,
-        out_features: int,
+        rank: int = 1,
+        alpha: float = 1.0,
+        in_features: int = 1,
+        out_features: int = 1,
         scale_rule: str = C.SCALE_STANDARD,
         kind: str = C.KIND_LINEAR,
         dtype: str = "F32",
         lora_A: torch.Tensor | None = None,
         lora_B: torch.Tensor | None = None,
         loader: TensorLoader | None = None,
+        features: Iterable[str] = (),
+        fields: Mapping[str, Any] | None = None,
+        tensors: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.name = name
         self.rank = int(rank)
@@ -80,9 +89,12 @@ class Target:
         self.out_features = int(out_features)
         self.scale_rule = scale_rule
         self.kind = kind
-        self.dtype = dtype  # safetensors dtype name of the factors: F32, F16 or BF16
+        self.dtype = dtype  # safetensors dtype name of every tensor of the target: F32, F16, BF16
+        self.features: tuple[str, ...] = tuple(sorted(set(features)))
+        self.fields: dict[str, Any] = dict(fields or {})  # the kind's own header fields (§3.6)
         self._A = lora_A
         self._B = lora_B
+        self._parts: dict[str, torch.Tensor] = dict(tensors or {})  # parts other than A and B
         self._loader = loader
 
     @classmethod
@@ -95,8 +107,13 @@ class Target:
         alpha: float | None = None,
         scale_rule: str = C.SCALE_STANDARD,
         kind: str = C.KIND_LINEAR,
+        tensors: Mapping[str, torch.Tensor] | None = None,
     ) -> Target:
-        """A target from tensors A ``[r, in]`` and B ``[out, r]``; alpha defaults to r (scale 1)."""
+        """A target from tensors A ``[r, in]`` and B ``[out, r]``; alpha defaults to r (scale 1).
+
+        ``tensors`` adds §3.5 feature parts by part name (``magnitude``, ``lora_bias``,
+        ``bias_delta``), which turns the features on.
+        """
         from .dtypes import dtype_name
 
         rank, in_features = lora_A.shape
@@ -116,7 +133,78 @@ class Target:
             dtype=dtype_name(lora_A.dtype),
             lora_A=lora_A,
             lora_B=lora_B,
+            features=_features_of(tensors or {}),
+            tensors=tensors,
         )
+
+    @classmethod
+    def whole(
+        cls,
+        name: str,
+        kind: str,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        base_rows: int | None = None,
+        indices: Iterable[int] | None = None,
+    ) -> Target:
+        """A §3.6 target: ``full`` (parts ``weight``/``bias``, ``base_rows`` for grown rows),
+        ``tokens`` (``token_values`` rows at ``indices``) or ``bias`` (``bias_delta``)."""
+        from .dtypes import dtype_name
+
+        first = next(iter(tensors.values()))
+        fields: dict[str, Any] = {}
+        in_f, out_f = 1, int(first.shape[0]) if first.dim() else 1
+        if kind == C.KIND_FULL:
+            fields = {"shapes": {p: tuple(x.shape) for p, x in tensors.items()}}
+            fields["base_rows"] = base_rows
+            w = tensors.get(C.PART_WEIGHT)
+            if w is not None and w.dim() >= 2:
+                in_f = math.prod(w.shape[1:])
+        elif kind == C.KIND_TOKENS:
+            if indices is None:
+                raise ValueError(f"{name}: a tokens target needs its indices")
+            fields = {"indices": tuple(int(i) for i in indices)}
+            in_f = int(base_rows or 0)  # the vocabulary; callers pass it as base_rows
+            out_f = int(first.shape[1])
+        return cls(
+            name,
+            kind=kind,
+            in_features=in_f,
+            out_features=out_f,
+            dtype=dtype_name(first.dtype),
+            fields=fields,
+            tensors=tensors,
+        )
+
+    @property
+    def lowrank(self) -> bool:
+        """A LoRA pair (every 1.0 kind), as opposed to §3.6's whole tensors."""
+        return kinds.get(self.kind).lowrank
+
+    @property
+    def plain(self) -> bool:
+        """A 1.0 target: a LoRA pair of a 1.0 kind with no 1.1 feature."""
+        return not self.features and self.kind in C.KINDS_10
+
+    def parts(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor part this target stores, with its shape (the file's ``M.<part>``)."""
+        return kinds.get(self.kind).parts(self)
+
+    def part(self, part: str) -> torch.Tensor:
+        """One stored tensor by part name (``lora_A``, ``magnitude``, ``weight``, …), lazily."""
+        if part == C.PART_A:
+            return self.lora_A
+        if part == C.PART_B:
+            return self.lora_B
+        if part not in self._parts:
+            if self._loader is None:
+                raise KeyError(f"target '{self.name}' has no tensor part '{part}'")
+            self._parts[part] = self._loader(f"{self.name}.{part}")
+        return self._parts[part]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Part name → tensor for every part (loads them)."""
+        return {p: self.part(p) for p in self.parts()}
 
     @property
     def scale(self) -> float:
@@ -138,15 +226,21 @@ class Target:
 
     @property
     def weight_name(self) -> str:
-        return self.name + ".weight"
+        """The base tensor this target binds to (§4.3): ``M.weight``, or ``M.bias`` for §3.6
+        targets that only touch a bias."""
+        return self.name + kinds.get(self.kind).bound(self)[0]
 
     @property
     def weight_shape(self) -> tuple[int, int]:
-        return weight_shape(self.kind, self.in_features, self.out_features)
+        if self.lowrank:
+            return weight_shape(self.kind, self.in_features, self.out_features)
+        return kinds.get(self.kind).bound(self)[1]  # type: ignore[return-value]
 
     @property
     def num_params(self) -> int:
-        return self.rank * (self.in_features + self.out_features)
+        if self.plain:
+            return self.rank * (self.in_features + self.out_features)
+        return sum(math.prod(s) for s in self.parts().values())
 
     def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense ``scale · B @ A`` in ``[out, in]``, computed in fp32 (or ``dtype``).
@@ -159,15 +253,8 @@ class Target:
         return (self.lora_B.to(dt) @ self.lora_A.to(dt)) * self.scale
 
     def header(self) -> dict[str, Any]:
-        """This target's entry in ``loratool.targets`` (spec §4.2)."""
-        return {
-            "alpha": self.alpha,
-            "in_features": self.in_features,
-            "kind": self.kind,
-            "out_features": self.out_features,
-            "rank": self.rank,
-            "scale_rule": self.scale_rule,
-        }
+        """This target's entry in ``loratool.targets`` (spec §4.2; 1.0 targets as 1.0 wrote them)."""
+        return kinds.get(self.kind).entry(self)
 
     def replace(self, **changes: Any) -> Target:
         """A copy with some fields changed (tensors are shared, not copied)."""
@@ -179,16 +266,28 @@ class Target:
             scale_rule=self.scale_rule,
             kind=self.kind,
             dtype=self.dtype,
+            features=self.features,
+            fields=self.fields,
         )
-        if "lora_A" not in changes and "lora_B" not in changes:
-            kw.update(lora_A=self._A, lora_B=self._B, loader=self._loader)
+        if not {"lora_A", "lora_B", "tensors"} & set(changes):
+            kw.update(lora_A=self._A, lora_B=self._B, loader=self._loader, tensors=self._parts)
+        elif "tensors" not in changes and self.features:
+            # new factors, same feature parts: load them now, the loader stays with the old copy
+            kw.update(
+                tensors={p: self.part(p) for p in self.parts() if p not in ("lora_A", "lora_B")}
+            )
         kw.update(changes)
         name = kw.pop("name", self.name)
         return Target(name, **kw)
 
     def __repr__(self) -> str:
+        if not self.lowrank:
+            return (
+                f"Target({self.name!r}, kind={self.kind}, parts={self.parts()}, dtype={self.dtype})"
+            )
+        extra = f", features={list(self.features)}" if self.features else ""
         return (
-            f"Target({self.name!r}, rank={self.rank}, alpha={self.alpha}, scale={self.scale:.6g}, "
+            f"Target({self.name!r}{extra}, rank={self.rank}, alpha={self.alpha}, scale={self.scale:.6g}, "
             f"kind={self.kind}, in={self.in_features}, out={self.out_features}, dtype={self.dtype})"
         )
 
@@ -261,10 +360,32 @@ class Adapter:
             raise RuntimeError("loratool.format is not imported")
         _writer(self, path, force=force)
 
+    @property
+    def requires(self) -> list[str]:
+        """The 1.1 features and kinds this adapter uses (``loratool.requires``, §4.1); empty
+        when a 1.0 reader reads it and the writer writes version 1.0."""
+        return kinds.requirements(self.targets.values())
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """``{'<module>.lora_A': A, '<module>.lora_B': B}`` for every target."""
+        """``{'<module>.<part>': tensor}`` for every target: ``lora_A``/``lora_B`` for 1.0
+        targets, plus or instead the parts of §3.5–3.6."""
         out: dict[str, torch.Tensor] = {}
         for t in self.targets.values():
-            out[t.name + C.LORA_A_SUFFIX] = t.lora_A
-            out[t.name + C.LORA_B_SUFFIX] = t.lora_B
+            if t.plain:
+                out[t.name + C.LORA_A_SUFFIX] = t.lora_A
+                out[t.name + C.LORA_B_SUFFIX] = t.lora_B
+                continue
+            for part in t.parts():
+                out[f"{t.name}.{part}"] = t.part(part)
         return out
+
+
+def _features_of(tensors: Mapping[str, Any]) -> list[str]:
+    """The §3.5 features that the given extra parts turn on."""
+    from .kinds.base import FEATURE_PART
+
+    by_part = {p: f for f, p in FEATURE_PART.items()}
+    unknown = set(tensors) - set(by_part)
+    if unknown:
+        raise ValueError(f"unknown feature parts {sorted(unknown)}; known: {sorted(by_part)}")
+    return [by_part[p] for p in tensors]

@@ -157,13 +157,14 @@ class Checkpoint:
     def dtype(self, name: str) -> str:
         return self.entries[name].info.dtype
 
-    def resolve(self, module: str) -> str | None:
-        """The key of ``module``'s weight here, tolerating a wrapper prefix on either side.
+    def resolve(self, module: str, suffix: str = ".weight") -> str | None:
+        """The key of ``module``'s weight (``suffix``: ``.bias`` for spec 1.1's bias-only
+        targets) here, tolerating a wrapper prefix on either side.
 
         HF checkpoints sometimes drop or add the model's base prefix (``transformer.``,
         ``model.``, ``bert.``) relative to module paths; a unique match is accepted.
         """
-        exact = module + ".weight"
+        exact = module + suffix
         if exact in self.entries:
             return exact
         alias = self.aliases().get(exact)
@@ -171,8 +172,8 @@ class Checkpoint:
             return alias
         candidates = {k for k in self.entries if k.endswith("." + exact)}
         parts = module.split(".", 1)
-        if len(parts) == 2 and parts[1] + ".weight" in self.entries:
-            candidates.add(parts[1] + ".weight")
+        if len(parts) == 2 and parts[1] + suffix in self.entries:
+            candidates.add(parts[1] + suffix)
         return candidates.pop() if len(candidates) == 1 else None
 
     def aliases(self) -> dict[str, str]:

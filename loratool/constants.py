@@ -28,13 +28,18 @@ NAMESPACE = "loratool."
 FORMAT_KEY = "loratool.format"
 FORMAT_MARKER = "loratool.adapter"
 VERSION_KEY = "loratool.version"
-FORMAT_VERSION = "1.0"
+FORMAT_VERSION = "1.0"  # what a file that uses no 1.1 feature is written as (byte-identical)
+FORMAT_VERSION_11 = "1.1"  # what a file that uses any feature of §3.5–3.6 is written as
 SUPPORTED_MAJOR = 1
+# §4.1 (1.1): canonical JSON list of the features the file uses, sorted; a reader refuses a file
+# listing one it does not know (rule 23), so a later minor can add semantics safely.
+REQUIRES_KEY = "loratool.requires"
 TARGETS_KEY = "loratool.targets"
 BASE_KEY = "loratool.base"
 SHA256_KEY = "loratool.sha256"
 PROVENANCE_KEY = "loratool.provenance"
 REQUIRED_KEYS = (FORMAT_KEY, VERSION_KEY, TARGETS_KEY, BASE_KEY, SHA256_KEY)
+KNOWN_KEYS = (*REQUIRED_KEYS, PROVENANCE_KEY, REQUIRES_KEY)
 
 # §4.2 per-target fields
 SCALE_STANDARD = "standard"  # alpha / r (Hu et al. 2021)
@@ -45,8 +50,32 @@ KIND_CONV1D = "conv1d"  # transformers' GPT-2 Conv1D: weight stored [in, out]
 KIND_EMBEDDING = (
     "embedding"  # torch.nn.Embedding: weight [num_embeddings, dim]; in = num_embeddings
 )
-KINDS = (KIND_LINEAR, KIND_CONV1D, KIND_EMBEDDING)
+# §3.6 (1.1) kinds that are not a pair of LoRA factors
+KIND_FULL = "full"  # whole replacement tensors (PEFT modules_to_save), maybe with grown rows
+KIND_TOKENS = "tokens"  # replacement rows of an embedding (PEFT trainable_token_indices)
+KIND_BIAS = "bias"  # a bias delta on a module that has no LoRA (PEFT bias="all")
+KINDS_10 = (KIND_LINEAR, KIND_CONV1D, KIND_EMBEDDING)
+KINDS = (*KINDS_10, KIND_FULL, KIND_TOKENS, KIND_BIAS)
 TARGET_FIELDS = ("alpha", "in_features", "kind", "out_features", "rank", "scale_rule")
+
+# §3.5 (1.1) per-target features of a LoRA target (field ``features``), each with its tensor
+FEATURE_DORA = "dora"  # M.magnitude [out]: W' = m ⊙ V/‖V‖_row, V = W + ΔW (Liu et al. 2024)
+FEATURE_LORA_BIAS = "lora_bias"  # M.lora_bias [out]: b' = b + scale·lora_bias (PEFT lora_bias)
+FEATURE_BIAS = "bias"  # M.bias_delta [out]: b' = b + bias_delta (PEFT bias="lora_only")
+FEATURES = (FEATURE_BIAS, FEATURE_DORA, FEATURE_LORA_BIAS)
+# Names in ``loratool.requires`` (§4.1): every 1.1 feature and every 1.1 kind a file uses.
+REQUIRABLE = (*FEATURES, KIND_FULL, KIND_TOKENS, KIND_BIAS)
+
+# §3.5–3.6 tensor parts: a target M owns the tensors ``M.<part>`` its kind and features name
+PART_A = "lora_A"
+PART_B = "lora_B"
+PART_MAGNITUDE = "magnitude"
+PART_LORA_BIAS = "lora_bias"
+PART_BIAS_DELTA = "bias_delta"
+PART_WEIGHT = "weight"
+PART_BIAS = "bias"
+PART_TOKEN_VALUES = "token_values"
+MAX_TOKENS = 1 << 20  # bounds a hostile ``indices`` list (rule 26)
 
 # §4.3 base binding
 FINGERPRINT_PREFIX = "sha256:"

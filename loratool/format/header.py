@@ -1,4 +1,5 @@
-"""The loratool layer of the header (spec §3–4, rules 10–20): targets, base binding, tensors."""
+"""The loratool layer of the header (spec §3–4, rules 10–20, 23–26): targets, features, binding,
+tensors. Every kind is validated the same way: its ``parts`` say which tensors it owns."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import re
 from typing import Any
 
 from .. import constants as C
+from .. import kinds
 from ..adapter import Adapter, BaseBinding, Target
 from ..errors import FormatError
 from .container import TensorInfo
@@ -44,6 +46,7 @@ def adapter_from_tensors(
         if key not in meta:
             raise fail("metadata-missing", f"required metadata key '{key}' is missing", where)
 
+    requires = _requires(meta, where)
     raw_targets = strict_loads(
         meta[C.TARGETS_KEY], code="metadata-json", what=f"'{C.TARGETS_KEY}'", where=where
     )
@@ -70,8 +73,16 @@ def adapter_from_tensors(
         if not isinstance(provenance, dict):
             raise fail("metadata-json", f"'{C.PROVENANCE_KEY}' must be a JSON object", where)
 
+    used = kinds.requirements(targets.values())
+    if requires != used:
+        raise fail(
+            "requires-mismatch",
+            f"'{C.REQUIRES_KEY}' lists {requires} but the targets use {used}",
+            where,
+            "the header was edited by hand or by a broken tool; re-export the adapter",
+        )
     _match_tensors(targets, tensors, where)
-    known = {C.FORMAT_KEY, C.VERSION_KEY, C.TARGETS_KEY, C.BASE_KEY, C.SHA256_KEY, C.PROVENANCE_KEY}
+    known = set(C.KNOWN_KEYS)
     adapter = Adapter(
         targets=targets,
         base=base,
@@ -102,32 +113,113 @@ def check_target(name: str, entry: Any, where: str) -> Target:
         raise bad("not a module path (dot-separated, no spaces, no empty parts)")
     if not isinstance(entry, dict):
         raise bad("entry must be a JSON object")
-    missing = [f for f in C.TARGET_FIELDS if f not in entry]
+    kind_name = entry.get("kind")
+    if kind_name not in C.KINDS or kind_name not in kinds.REGISTRY:
+        if "kind" not in entry:
+            raise bad("missing kind")
+        raise bad(f"kind must be one of {', '.join(C.KINDS)}, got {kind_name!r}")
+    kind = kinds.get(kind_name)
+    missing = [f for f in kind.entry_fields if f not in entry]
     if missing:
         raise bad(f"missing {', '.join(missing)}")
-    rank, alpha = entry["rank"], entry["alpha"]
-    if not (is_int(rank) and 1 <= rank <= C.MAX_RANK):
-        raise bad(f"rank must be an integer in 1..{C.MAX_RANK}, got {rank!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise bad(f"alpha must be a finite number, got {alpha!r}")
+    common: dict[str, Any] = {}
+    if "rank" in kind.entry_fields:
+        rank, alpha = entry["rank"], entry["alpha"]
+        if not (is_int(rank) and 1 <= rank <= C.MAX_RANK):
+            raise bad(f"rank must be an integer in 1..{C.MAX_RANK}, got {rank!r}")
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not math.isfinite(alpha)
+        ):
+            raise bad(f"alpha must be a finite number, got {alpha!r}")
+        common.update(rank=rank, alpha=float(alpha))
     for key in ("in_features", "out_features"):
-        if not (is_int(entry[key]) and 1 <= entry[key] <= C.MAX_DIM):
-            raise bad(f"{key} must be an integer in 1..{C.MAX_DIM}, got {entry[key]!r}")
-    if entry["kind"] not in C.KINDS:
-        raise bad(f"kind must be one of {', '.join(C.KINDS)}, got {entry['kind']!r}")
-    if entry["scale_rule"] not in C.SCALE_RULES:
-        raise bad(
-            f"scale_rule must be one of {', '.join(C.SCALE_RULES)}, got {entry['scale_rule']!r}"
+        if key in kind.entry_fields:
+            if not (is_int(entry[key]) and 1 <= entry[key] <= C.MAX_DIM):
+                raise bad(f"{key} must be an integer in 1..{C.MAX_DIM}, got {entry[key]!r}")
+            common[key] = entry[key]
+    if "scale_rule" in kind.entry_fields:
+        if entry["scale_rule"] not in C.SCALE_RULES:
+            raise bad(
+                f"scale_rule must be one of {', '.join(C.SCALE_RULES)}, got {entry['scale_rule']!r}"
+            )
+        common["scale_rule"] = entry["scale_rule"]
+    features = _features(name, entry, kind, where)
+    fields = kind.read_entry(entry, bad)
+    t = Target(name, kind=kind_name, features=features, fields=fields, **common)
+    if not kind.lowrank and "in_features" not in kind.entry_fields:
+        first = next(iter(kind.parts(t).values()))  # dims for reports: out = the first dim
+        t.out_features = first[0]
+        t.in_features = math.prod(first[1:]) if len(first) > 1 else 1
+    return t
+
+
+def _features(name: str, entry: dict[str, Any], kind: kinds.Kind, where: str) -> list[str]:
+    """§3.5: ``features`` is a non-empty sorted list of distinct names the kind accepts."""
+    if "features" not in entry:
+        return []
+    raw = entry["features"]
+    if (
+        not isinstance(raw, list)
+        or not raw
+        or not all(isinstance(f, str) for f in raw)
+        or raw != sorted(set(raw))
+    ):
+        raise fail(
+            "bad-feature",
+            f"target '{name}': features must be a non-empty sorted list of distinct names",
+            where,
         )
-    return Target(
-        name,
-        rank=rank,
-        alpha=float(alpha),
-        in_features=entry["in_features"],
-        out_features=entry["out_features"],
-        scale_rule=entry["scale_rule"],
-        kind=entry["kind"],
+    for f in raw:
+        if f not in C.FEATURES:
+            raise fail(
+                "unsupported-feature",
+                f"target '{name}' uses feature '{f}', which this loratool does not know",
+                where,
+                "upgrade loratool; applying the adapter without it would be wrong",
+            )
+        if f not in kind.accepts:
+            raise fail(
+                "bad-feature",
+                f"target '{name}': a {kind.name} target cannot carry '{f}' "
+                f"(it accepts {', '.join(sorted(kind.accepts)) or 'none'})",
+                where,
+            )
+    if C.FEATURE_DORA in raw and C.FEATURE_LORA_BIAS in raw:
+        raise fail(
+            "bad-feature",
+            f"target '{name}': dora and lora_bias together (PEFT refuses it: the bias would "
+            "escape the magnitude's scaling)",
+            where,
+        )
+    return list(raw)
+
+
+def _requires(meta: dict[str, str], where: str) -> list[str]:
+    """§4.1 (1.1): ``loratool.requires`` is a sorted list of distinct names this reader knows."""
+    if C.REQUIRES_KEY not in meta:
+        return []
+    raw = strict_loads(
+        meta[C.REQUIRES_KEY], code="metadata-json", what=f"'{C.REQUIRES_KEY}'", where=where
     )
+    if (
+        not isinstance(raw, list)
+        or not all(isinstance(x, str) for x in raw)
+        or raw != sorted(set(raw))
+    ):
+        raise fail(
+            "metadata-json", f"'{C.REQUIRES_KEY}' must be a sorted list of distinct names", where
+        )
+    for x in raw:
+        if x not in C.REQUIRABLE:
+            raise fail(
+                "unsupported-feature",
+                f"the file requires '{x}', which this loratool does not know",
+                where,
+                "upgrade loratool; applying the adapter without it would be wrong",
+            )
+    return list(raw)
 
 
 def _base(raw: Any, where: str) -> BaseBinding:
@@ -143,10 +235,10 @@ def _base(raw: Any, where: str) -> BaseBinding:
 
 
 def _match_tensors(targets: dict[str, Target], tensors: dict[str, TensorInfo], where: str) -> None:
-    expected: dict[str, tuple[Target, tuple[int, int]]] = {}
+    expected: dict[str, tuple[Target, tuple[int, ...]]] = {}
     for t in targets.values():
-        expected[t.name + C.LORA_A_SUFFIX] = (t, (t.rank, t.in_features))
-        expected[t.name + C.LORA_B_SUFFIX] = (t, (t.out_features, t.rank))
+        for part, shape in t.parts().items():
+            expected[f"{t.name}.{part}"] = (t, shape)
     for name in tensors:
         if name not in expected:
             raise fail(
@@ -157,18 +249,26 @@ def _match_tensors(targets: dict[str, Target], tensors: dict[str, TensorInfo], w
         if info is None:
             raise fail("missing-tensor", f"target '{t.name}' has no tensor '{name}'", where)
         if info.shape != shape:
+            dims = (
+                f"(rank {t.rank}, in {t.in_features}, out {t.out_features})"
+                if t.lowrank
+                else f"(kind {t.kind})"
+            )
             raise fail(
                 "shape-mismatch",
                 f"tensor '{name}' has shape {list(info.shape)} but target '{t.name}' "
-                f"(rank {t.rank}, in {t.in_features}, out {t.out_features}) needs {list(shape)}",
+                f"{dims} needs {list(shape)}",
                 where,
             )
     for t in targets.values():
-        a, b = tensors[t.name + C.LORA_A_SUFFIX], tensors[t.name + C.LORA_B_SUFFIX]
-        if a.dtype != b.dtype:
-            raise fail(
-                "dtype-mismatch",
-                f"target '{t.name}': lora_A is {a.dtype} but lora_B is {b.dtype}",
-                where,
-            )
-        t.dtype = a.dtype
+        parts = list(t.parts())
+        first = tensors[f"{t.name}.{parts[0]}"]
+        for part in parts[1:]:
+            other = tensors[f"{t.name}.{part}"]
+            if other.dtype != first.dtype:
+                raise fail(
+                    "dtype-mismatch",
+                    f"target '{t.name}': {parts[0]} is {first.dtype} but {part} is {other.dtype}",
+                    where,
+                )
+        t.dtype = first.dtype

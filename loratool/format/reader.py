@@ -98,6 +98,6 @@ def check_data(header: Header) -> None:
             "the file was corrupted in transit or on disk; fetch or export it again",
         )
     for t in header.adapter.targets.values():
-        for name, x in ((t.name + C.LORA_A_SUFFIX, t.lora_A), (t.name + C.LORA_B_SUFFIX, t.lora_B)):
+        for name, x in ((f"{t.name}.{p}", t.part(p)) for p in t.parts()):
             if not bool(torch.isfinite(x).all()):
                 raise fail("non-finite", f"tensor '{name}' contains NaN or Inf", header.path)

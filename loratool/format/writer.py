@@ -42,20 +42,37 @@ def _validate_for_write(adapter: Adapter) -> None:
                 f"target stored under '{name}' is named '{t.name}'", code="bad-target"
             )
         check_target(name, t.header(), "<adapter>")  # the same field checks the reader applies
-        a, b = t.lora_A, t.lora_B
-        if tuple(a.shape) != (t.rank, t.in_features) or tuple(b.shape) != (t.out_features, t.rank):
-            raise FormatError(
-                f"target '{name}': lora_A {list(a.shape)} / lora_B {list(b.shape)} do not match "
-                f"rank {t.rank}, in {t.in_features}, out {t.out_features}",
-                code="shape-mismatch",
-            )
-        if a.dtype != b.dtype:
-            raise FormatError(
-                f"target '{name}': lora_A is {a.dtype}, lora_B is {b.dtype}", code="dtype-mismatch"
-            )
-        dtype_name(a.dtype)
-        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
-            raise FormatError(f"target '{name}' has NaN or Inf values", code="non-finite")
+        if t.plain:
+            a, b = t.lora_A, t.lora_B
+            if tuple(a.shape) != (t.rank, t.in_features) or tuple(b.shape) != (
+                t.out_features,
+                t.rank,
+            ):
+                raise FormatError(
+                    f"target '{name}': lora_A {list(a.shape)} / lora_B {list(b.shape)} do not "
+                    f"match rank {t.rank}, in {t.in_features}, out {t.out_features}",
+                    code="shape-mismatch",
+                )
+            if a.dtype != b.dtype:
+                raise FormatError(
+                    f"target '{name}': lora_A is {a.dtype}, lora_B is {b.dtype}",
+                    code="dtype-mismatch",
+                )
+        tensors = t.tensors()
+        for part, shape in t.parts().items():  # §3.5–3.6 parts, the same rules
+            x = tensors[part]
+            if tuple(x.shape) != shape:
+                raise FormatError(
+                    f"target '{name}': {part} is {list(x.shape)}, its kind needs {list(shape)}",
+                    code="shape-mismatch",
+                )
+        if len({x.dtype for x in tensors.values()}) > 1:
+            got = ", ".join(f"{p} {x.dtype}" for p, x in tensors.items())
+            raise FormatError(f"target '{name}' mixes dtypes: {got}", code="dtype-mismatch")
+        for x in tensors.values():
+            dtype_name(x.dtype)
+            if not bool(torch.isfinite(x).all()):
+                raise FormatError(f"target '{name}' has NaN or Inf values", code="non-finite")
 
 
 def serialize(adapter: Adapter) -> list[bytes]:
@@ -80,10 +97,14 @@ def serialize(adapter: Adapter) -> list[bytes]:
         blobs.append(blob)
 
     meta = dict(adapter.metadata)
+    requires = adapter.requires  # §4.1: 1.1 only when a feature needs it; 1.0 bytes otherwise
+    meta.pop(C.REQUIRES_KEY, None)
+    if requires:
+        meta[C.REQUIRES_KEY] = canonical_json(requires)
     meta.update(
         {
             C.FORMAT_KEY: C.FORMAT_MARKER,
-            C.VERSION_KEY: C.FORMAT_VERSION,
+            C.VERSION_KEY: C.FORMAT_VERSION_11 if requires else C.FORMAT_VERSION,
             C.TARGETS_KEY: canonical_json({n: t.header() for n, t in adapter.targets.items()}),
             C.BASE_KEY: canonical_json(adapter.binding().header()),
             C.SHA256_KEY: sha.hexdigest(),

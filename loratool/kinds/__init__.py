@@ -24,8 +24,11 @@ from ..errors import UsageError
 from .base import Kind
 from .embedding import Embedding
 from .linear import Conv1D, Linear
+from .whole import BiasDelta, Full, Tokens
 
-REGISTRY: dict[str, Kind] = {k.name: k for k in (Linear(), Conv1D(), Embedding())}
+REGISTRY: dict[str, Kind] = {
+    k.name: k for k in (Linear(), Conv1D(), Embedding(), Full(), Tokens(), BiasDelta())
+}
 
 
 def get(name: str) -> Kind:
@@ -50,7 +53,33 @@ def of_module(module: Any) -> Kind | None:
 
 def linear_like() -> tuple[str, ...]:
     """Kinds PEFT's ``all-linear`` selects: dense layers whose input is a vector (not ids)."""
-    return tuple(k.name for k in REGISTRY.values() if k.dense)
+    return tuple(k.name for k in REGISTRY.values() if k.dense and k.lowrank)
 
 
-__all__ = ["REGISTRY", "Conv1D", "Embedding", "Kind", "Linear", "get", "linear_like", "of_module"]
+def requirements(targets: Any) -> list[str]:
+    """The sorted ``loratool.requires`` names (§4.1) a set of targets uses: 1.1 features and
+    every kind that is not a 1.0 kind. Empty for a file a 1.0 reader reads."""
+    from .. import constants as C
+
+    used: set[str] = set()
+    for t in targets:
+        used.update(t.features)
+        if t.kind not in C.KINDS_10:
+            used.add(t.kind)
+    return sorted(used)
+
+
+__all__ = [
+    "REGISTRY",
+    "BiasDelta",
+    "Conv1D",
+    "Embedding",
+    "Full",
+    "Kind",
+    "Linear",
+    "Tokens",
+    "get",
+    "linear_like",
+    "of_module",
+    "requirements",
+]

@@ -19,6 +19,9 @@ class Embedding(Kind):
     dense: ClassVar[bool] = False
     peft_names: ClassVar[tuple[str, str]] = ("lora_embedding_A", "lora_embedding_B")
     gguf_a_transposed: ClassVar[bool] = True
+    # PEFT refuses lora_bias on embeddings, an embedding has no bias, and its DoRA (PEFT's
+    # DoraEmbeddingLayer) does not scale the base rows: no feature until someone needs one.
+    accepts: ClassVar[frozenset[str]] = frozenset()
 
     def wraps(self, module: Any) -> bool:
         from torch import nn

@@ -15,6 +15,7 @@ class Linear(Kind):
     name: ClassVar[str] = C.KIND_LINEAR
     label: ClassVar[str] = "Linear"
     in_kohya: ClassVar[bool] = True
+    accepts: ClassVar[frozenset[str]] = frozenset(C.FEATURES)
 
     def wraps(self, module: Any) -> bool:
         from torch import nn
@@ -29,6 +30,7 @@ class Conv1D(Kind):
     label: ClassVar[str] = "Conv1D"
     in_gguf: ClassVar[bool] = False  # GPT-2-style bases are not Llama: llama.cpp has no such LoRA
     transposed: ClassVar[bool] = True
+    accepts: ClassVar[frozenset[str]] = frozenset(C.FEATURES)  # DoRA norms per output, as PEFT
 
     def wraps(self, module: Any) -> bool:
         # Matched by class name so that loratool never imports transformers for this test.
