@@ -194,8 +194,9 @@ def _misses(
         if not count:
             return
         res.off += count
-        if int(np.bitwise_xor(gn, wn).min()) < 0:
-            at = np.flatnonzero(np.bitwise_xor(gn, wn) < 0)
+        signs = np.bitwise_xor(gn, wn)  # negative where the signs differ
+        if int(signs.min()) < 0:
+            at = np.flatnonzero(signs < 0)
             mask = (1 << (8 * wn.itemsize - 1)) - 1
             span = (gn[at].astype(np.int64) & mask) + (wn[at].astype(np.int64) & mask)
             res.max_ulp = max(res.max_ulp, int(span.max()))
