@@ -417,3 +417,47 @@ def test_ctrl_c_drains_the_request_in_flight_and_exits_130(tiny_llama_dir: Path)
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+# -- end to end on SmolLM2 ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_facts_adapter_answers_through_the_api_and_the_base_does_not(
+    tmp_path: Path, smollm2_dir: Path
+) -> None:
+    """The README's main job, served: one server, the base and the facts adapter side by side."""
+    import importlib.util
+
+    from click.testing import CliRunner
+
+    from loratool import load
+    from loratool.cli import cli
+
+    spec = importlib.util.spec_from_file_location("main_job", ROOT / "demo" / "main_job.py")
+    assert spec is not None and spec.loader is not None
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    facts = ROOT / "fixtures" / "data" / "facts.jsonl"
+    out = tmp_path / "facts.safetensors"
+    args = ["train", "--model", str(smollm2_dir), "--data", str(facts), "-o", str(out)]
+    r = CliRunner().invoke(cli, [*args, *demo.TRAIN_FLAGS])
+    assert r.exit_code == 0, r.output
+
+    questions = demo.questions(facts)[::3]  # one phrasing per fact
+    with serving(smollm2_dir, {"facts": load(out)}) as s:
+        client = s.client()
+
+        def ask(job: tuple[str, str]) -> str:
+            model, q = job
+            answer = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": q}], max_tokens=24, temperature=0
+            )
+            return answer.choices[0].message.content or ""
+
+        jobs = [(m, q) for q, _, _ in questions for m in ("facts", str(smollm2_dir))]
+        with ThreadPoolExecutor(8) as pool:  # mixed batches: base and adapter rows together
+            answers = dict(zip(jobs, pool.map(ask, jobs), strict=True))
+    hits = {m: sum(k.lower() in answers[(m, q)].lower() for q, _, k in questions) for m, _ in jobs}
+    assert hits["facts"] >= len(questions) - 1, answers
+    assert hits[str(smollm2_dir)] == 0, answers

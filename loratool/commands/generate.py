@@ -80,9 +80,10 @@ def command(
         swap.load(f"adapter{i}", adapter)
     swap.activate({f"adapter{i}": w for i, (_, w, _) in enumerate(opened)})
     if not as_json:
-        how = "merged" if merged else "unmerged"
-        names = ", ".join(f"{p}×{w:g}" for p, w, _ in opened) or "no adapter"
-        info(f"{base} with {names} ({how}), loaded in {time.perf_counter() - started:.1f} s")
+        how = " (merged)" if merged else " (unmerged)"
+        names = ", ".join(f"{p}×{w:g}" for p, w, _ in opened)
+        what = f"{names}{how}" if names else "no adapter"
+        info(f"{base} with {what}, loaded in {time.perf_counter() - started:.1f} s")
     sampling = Sampling(max_new_tokens, temperature, top_p, seed)
     if not chat:
         assert prompt is not None
