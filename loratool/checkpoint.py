@@ -178,11 +178,12 @@ class Checkpoint:
 
     def aliases(self) -> dict[str, str]:
         """diffusers weight names → keys, for an original SD single-file checkpoint (else {})."""
-        if self._aliases is None:
+        if getattr(self, "_aliases", None) is None:  # subclasses may skip __init__
             from .layouts import is_single_file_sd, unet_aliases
 
             keys = self.entries.keys()
             self._aliases = unet_aliases(keys) if is_single_file_sd(keys) else {}
+        assert self._aliases is not None
         return self._aliases
 
     def fingerprint_for(self, adapter: Adapter) -> str:
