@@ -226,6 +226,13 @@ device_option = click.option(
     is_flag=True,
     help="Also write a sidecar of rounding corrections so unmerge restores the base bit for bit.",
 )
+@click.option(
+    "--onto-quantized",
+    is_flag=True,
+    help="For an adapter trained with --quantize: merge onto dequantise(W4) of BASE (the weights "
+    "it trained against) instead of the original weights; by default the report says how far "
+    "the two differ.",
+)
 @click.option("--force", is_flag=True, help="Replace OUT; accept a differing base fingerprint.")
 @json_option
 @all_option
@@ -237,6 +244,7 @@ def command(
     dtype: str,
     device: str,
     reversible: bool,
+    onto_quantized: bool,
     force: bool,
     as_json_flag: bool,
     all_rows: bool,
@@ -246,8 +254,10 @@ def command(
     BASE is a Hugging Face checkpoint directory (sharded or not) or one .safetensors file; each
     ADAPTER is anything `convert` reads. OUT keeps BASE's shards, index, dtypes and other files.
     Weights are streamed one tensor at a time: memory does not grow with the model.
+    An adapter trained on a quantised base (train --quantize) is merged onto the original weights
+    unless --onto-quantized; the report gives the quantisation's relative error per target.
     """
-    from ..merging import merge
+    from ..quant.merging import merge
 
     run(
         "merge",
@@ -261,6 +271,7 @@ def command(
             reversible=reversible,
             force=force,
             progress=bar,
+            onto_quantized=onto_quantized,
         ),
         as_json_flag=as_json_flag,
         all_rows=all_rows,
