@@ -10,27 +10,38 @@ never leaks into a child's figure; ``os.wait4`` rusage where it is missing):
   floor     cp -r BASE OUT, then python -c "import torch"   (the least any merge can cost)
 
 Models: SmolLM2-135M (fp32, one file; fixtures/models.py) and synthetic sharded bf16 Llamas
-(benchmarks/make_synthetic_llama.py): ``0.5b`` (8 layers) and ``1b`` (16 layers) share every
-width, so loratool's memory should be the same for both while PEFT's doubles; ``3b`` (5.8 GB) is
-for GPU runs (``--device cuda``), where the figure to watch is base GB per second against the
-floor's plain read + write. Each gets a
-random rank-16 adapter on all seven linear projections (alpha 32), saved both as a loratool file
-and as a PEFT directory with the same factors. The sides alternate within each repeat (order
-rotated between repeats) because the machine is shared: compare the ratios, not the seconds.
+(benchmarks/make_synthetic_llama.py), built once into the benchmark cache (``.cache/bench/``,
+ignored by git) and reused: ``0.85b`` (13 layers, 1.7 GB in 5 shards: the issue's model),
+``0.5b`` (8 layers) and ``1b`` (16) share every width, so loratool's memory should be the same
+for all while PEFT's grows; ``3b`` (5.8 GB) is for GPU runs; ``7b`` is Llama-2-7B-shaped
+(hidden 4096, intermediate 11008, 32 layers, untied, 13.5 GB in 3 shards), built only when
+named (it needs ~45 GB free while the sides run, and PEFT needs the whole model in RAM). Each
+gets a random rank-16 adapter on all seven linear projections (alpha 32), saved both as a
+loratool file and as a PEFT directory with the same factors. The sides alternate within each
+repeat (order rotated between repeats) because the machine is shared: compare the ratios, not
+the seconds, and read the load average printed before and after.
 
-    python benchmarks/merge.py                      # smollm2 and 1b, 2 repeats
-    python benchmarks/merge.py --models smollm2,0.5b,1b --repeats 3 --keep
+After the timed runs, one more loratool merge runs in-process with each phase's thread CPU time
+(user + system of the thread that ran it, ``time.thread_time``) summed over every call: what
+the CPU went to, against the floor's copy.
+
+    python benchmarks/merge.py                      # smollm2 and 0.85b, 2 repeats
+    python benchmarks/merge.py --models 0.85b --repeats 3
+    python benchmarks/merge.py --models 7b --repeats 1 --sides loratool,floor
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,10 +53,16 @@ sys.path.insert(0, str(ROOT / "fixtures"))
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # name -> make_synthetic_llama.py options; 0.5b and 1b share every width (only depth differs)
 SYNTHETIC = {
+    "0.85b": ["--layers", "13", "--shard-size", "400MB"],  # 0.86B, 1.7 GB in 5 shards
     "0.5b": ["--layers", "8"],
     "1b": [],
     "3b": ["--hidden", "3072", "--layers", "28", "--heads", "24"],  # 2.9B, 5.8 GB: GPU runs
+    "7b": [  # Llama-2-7B's shapes: 6.7B parameters, 13.5 GB
+        *("--hidden", "4096", "--intermediate", "11008", "--layers", "32"),
+        *("--heads", "32", "--kv-heads", "32", "--untied", "--shard-size", "5GB"),
+    ],
 }
+CACHE = ROOT / ".cache" / "bench"  # synthetic bases and adapters, built once (ignored by git)
 
 PEFT_SCRIPT = """
 import sys, torch
@@ -138,39 +155,27 @@ def make_adapter(base: Path, work: Path, seed: int = 0) -> tuple[Path, Path]:
         tensors[f"base_model.model.{t.name}.lora_B.weight"] = t.lora_B.contiguous()
     save_file(tensors, str(peft_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": str(base),
-        "r": 16,
-        "lora_alpha": 32,
-        "lora_dropout": 0.0,
-        "target_modules": list(PROJECTIONS),
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "inference_mode": True,
-    }
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base),
+        "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": list(PROJECTIONS),
+        "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "inference_mode": True,
+    }  # fmt: skip
     (peft_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return ours, peft_dir
 
 
-def base_for(name: str, work: Path, env: dict[str, str]) -> Path:
+def base_for(name: str, env: dict[str, str]) -> Path:
     if name == "smollm2":
         import models
 
         return models.smollm2()
-    path = work / f"llama-{name}"
-    if not path.exists():
-        print(f"making {path} ...", file=sys.stderr, flush=True)
+    if name not in SYNTHETIC:
+        raise SystemExit(f"unknown model {name!r}: smollm2, {', '.join(SYNTHETIC)}")
+    path = CACHE / f"llama-{name}"
+    if not path.exists():  # built once; atomic, so an interrupted build leaves nothing behind
+        print(f"making {path} (once) ...", file=sys.stderr, flush=True)
+        script = ROOT / "benchmarks" / "make_synthetic_llama.py"
         subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "benchmarks" / "make_synthetic_llama.py"),
-                str(path),
-                *SYNTHETIC[name],
-            ],
-            check=True,
-            env=env,
+            [sys.executable, str(script), str(path), *SYNTHETIC[name]], check=True, env=env
         )
     return path
 
@@ -191,46 +196,101 @@ def check_equal(ours: Path, peft_out: Path) -> float:
     return worst
 
 
+# -- per-phase CPU of one in-process merge ------------------------------------------------------
+
+PHASES = (  # (module, attribute, phase): each call's thread CPU time is added to its phase
+    ("loratool.merging.merger", "prepare", "check + plan + adapter digests"),
+    ("loratool.merging.compute", "delta_factors", "ΔW factors (load, scale, stack)"),
+    ("loratool.merging.compute", "apply_delta", "W + L·R, round, fidelity sums (total)"),
+    ("loratool.merging.delta", "_misses", "  of which round-trip compare"),
+    ("loratool.checkpoint:Checkpoint", "read_into", "read targeted weights (pread)"),
+    ("loratool.stream:SafetensorsWriter", "write", "write merged weights (pwrite)"),
+    ("loratool.stream:SafetensorsWriter", "copy_from", "copy untouched (copy_file_range)"),
+    ("loratool.merging.merger", "rewrite_metadata", "final record into shard headers"),
+    ("loratool._io", "_fsync_tree", "fsync of the output"),
+)
+
+
+def phase_profile(base: str, adapter: str, out: str) -> None:
+    """Run one merge here, summing each phase's thread CPU; print a JSON document."""
+    started = time.process_time()
+    import torch  # noqa: F401  (timed: the floor pays it too)
+
+    import loratool
+
+    imported = time.process_time() - started
+    acc: dict[str, float] = {}
+    lock = threading.Lock()
+    for where, attr, phase in PHASES:
+        mod_name, _, cls = where.partition(":")
+        owner = importlib.import_module(mod_name)
+        if cls:
+            owner = getattr(owner, cls)
+        fn = getattr(owner, attr, None)
+        if fn is None:  # renamed since: leave the phase out rather than fail
+            continue
+
+        def timed(*a: object, _fn: object = fn, _phase: str = phase, **k: object) -> object:
+            t0 = time.thread_time()
+            try:
+                return _fn(*a, **k)  # type: ignore[operator]
+            finally:
+                with lock:
+                    acc[_phase] = acc.get(_phase, 0.0) + time.thread_time() - t0
+
+        setattr(owner, attr, timed)
+    shutil.rmtree(out, ignore_errors=True)
+    ru0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time()
+    loratool.merge(base, [adapter], out, device="cpu")
+    total = time.process_time() - t0
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    shutil.rmtree(out, ignore_errors=True)
+    user, system = ru.ru_utime - ru0.ru_utime, ru.ru_stime - ru0.ru_stime
+    doc = {"import": imported, "merge": total, "user": user, "system": system, "phases": acc}
+    print(json.dumps(doc))
+
+
+def phases_of(base: Path, adapter: Path, out: Path, env: dict[str, str]) -> dict[str, object]:
+    argv = [sys.executable, __file__, "--phase-profile", str(base), str(adapter), str(out)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"phase profile failed:\n{done.stderr[-3000:]}")
+    doc: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return doc
+
+
+# -- the side-by-side run ------------------------------------------------------------------------
+
+
 def bench(name: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str, object]:
-    work: Path = args.workdir
-    base = base_for(name, work, env)
-    adapter, peft_dir = make_adapter(base, work)
-    out = work / "out"
+    base = base_for(name, env)
+    adapter, peft_dir = make_adapter(base, CACHE if name != "smollm2" else args.workdir)
+    out = args.workdir / "out"
     py = sys.executable
+    merge_cmd = [py, "-m", "loratool", "merge", str(base), str(adapter), "-o", str(out)]
     commands = {
-        "loratool": [
-            [
-                py,
-                "-m",
-                "loratool",
-                "merge",
-                str(base),
-                str(adapter),
-                "-o",
-                str(out),
-                "--device",
-                args.device,
-                "--json",
-            ]
-        ],
+        "loratool": [[*merge_cmd, "--device", args.device, "--json"]],
         "peft": [[py, "-c", PEFT_SCRIPT, str(base), str(peft_dir), str(out)]],
         "floor": [["cp", "-r", str(base), str(out)], [py, "-c", "import torch"]],
     }
+    commands = {k: v for k, v in commands.items() if k in args.sides}
     sides = {k: Side(k) for k in commands}
     order = list(commands)
     checked = None
+    load_before = os.getloadavg()
     for rep in range(args.repeats):
-        for side in order[rep % 3 :] + order[: rep % 3]:
+        for side in order[rep % len(order) :] + order[: rep % len(order)]:
             shutil.rmtree(out, ignore_errors=True)
-            runs = [run_process(argv, env, work) for argv in commands[side]]
+            runs = [run_process(argv, env, args.workdir) for argv in commands[side]]
             sides[side].runs.append(
                 Run(sum(r.wall for r in runs), sum(r.cpu for r in runs), max(r.rss for r in runs))
             )
-            if side == "loratool" and checked is None:
-                shutil.rmtree(work / "out-loratool", ignore_errors=True)
-                out.rename(work / "out-loratool")
-            elif side == "peft" and checked is None and (work / "out-loratool").exists():
-                checked = check_equal(work / "out-loratool", out)
+            if side == "loratool" and checked is None and "peft" in sides:
+                shutil.rmtree(args.workdir / "out-loratool", ignore_errors=True)
+                out.rename(args.workdir / "out-loratool")
+            elif side == "peft" and checked is None and (args.workdir / "out-loratool").exists():
+                checked = check_equal(args.workdir / "out-loratool", out)
+                shutil.rmtree(args.workdir / "out-loratool", ignore_errors=True)
             last = sides[side].runs[-1]
             print(
                 f"  {name} {side}: {last.wall:.2f} s wall, {last.cpu:.2f} s CPU, "
@@ -238,59 +298,101 @@ def bench(name: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str,
                 file=sys.stderr,
                 flush=True,
             )
+    load_after = os.getloadavg()
     shutil.rmtree(out, ignore_errors=True)
-    shutil.rmtree(work / "out-loratool", ignore_errors=True)
-    nbytes = size_of(base)
-    if not args.keep and name != "smollm2":
-        shutil.rmtree(base, ignore_errors=True)
-        shutil.rmtree(peft_dir, ignore_errors=True)
-        adapter.unlink(missing_ok=True)
-    return {"model": name, "bytes": nbytes, "sides": sides, "max_abs_diff_vs_peft": checked}
+    shutil.rmtree(args.workdir / "out-loratool", ignore_errors=True)
+    phases = None
+    if args.device == "cpu" and "loratool" in sides and not args.no_phases:
+        phases = phases_of(base, adapter, out, env)
+    return {
+        "model": name,
+        "bytes": size_of(base),
+        "sides": sides,
+        "max_abs_diff_vs_peft": checked,
+        "load": (load_before, load_after),
+        "phases": phases,
+    }
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b else "-"
+
+
+def print_result(r: dict[str, object], args: argparse.Namespace) -> None:
+    s = r["sides"]
+    assert isinstance(s, dict)
+    nbytes = r["bytes"]
+    assert isinstance(nbytes, int)
+    loads = r["load"]
+    assert isinstance(loads, tuple)
+    print(
+        f"\n{r['model']}: {nbytes / 1e9:.2f} GB base, r=16 all-linear adapter, "
+        f"{args.repeats} alternating repeats, device {args.device}; median wall and CPU "
+        f"(user+sys) seconds, max peak RSS of each whole process"
+    )
+    load = ["/".join(f"{x:.1f}" for x in la) for la in loads]
+    print(f"load average (1/5/15 min) before {load[0]}, after {load[1]} on {os.cpu_count()} cores")
+    print(f"{'side':<10}{'wall s':>8}{'CPU s':>8}{'RSS GB':>8}")
+    for side in s.values():
+        print(f"{side.name:<10}{side.wall:>8.2f}{side.cpu:>8.2f}{side.rss / 1e9:>8.2f}")
+    lt, pf, fl = s.get("loratool"), s.get("peft"), s.get("floor")
+    if lt is not None and pf is not None:
+        print(
+            f"loratool vs PEFT : {_ratio(pf.wall, lt.wall)} faster wall (goal >= 3.5x), "
+            f"{_ratio(pf.cpu, lt.cpu)} less CPU, {_ratio(lt.rss, pf.rss)} its peak RSS "
+            f"(goal <= 0.2x)"
+        )
+        if r["max_abs_diff_vs_peft"] is not None:
+            print(
+                f"  max |loratool - PEFT| over layer 0's projections: {r['max_abs_diff_vs_peft']:.3g}"
+            )
+    if lt is not None and fl is not None:
+        print(
+            f"loratool vs floor: {_ratio(lt.wall, fl.wall)} its wall, {_ratio(lt.cpu, fl.cpu)} "
+            f"its CPU (goals <= 1.5x both)"
+        )
+    ph = r["phases"]
+    if isinstance(ph, dict):
+        print(
+            f"loratool per phase (one in-process merge, thread CPU s): import torch + loratool "
+            f"{ph['import']:.2f}, merge {ph['merge']:.2f} (user {ph['user']:.2f} + system "
+            f"{ph['system']:.2f})"
+        )
+        phases = ph["phases"]
+        named = sum(v for k, v in phases.items() if not k.startswith(" "))
+        for k in [p for _, _, p in PHASES if p in phases]:
+            v = phases[k]
+            print(f"  {k:<44}{v:>7.2f}  {v / ph['merge']:>5.0%}")
+        rest = ph["merge"] - named
+        print(
+            f"  {'rest (threads, queues, report, other files)':<44}{rest:>7.2f}  {rest / ph['merge']:>5.0%}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) == 5 and sys.argv[1] == "--phase-profile":
+        phase_profile(*sys.argv[2:5])
+        return 0
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--models", default="smollm2,1b", help="comma list: smollm2, 0.5b, 1b, 3b")
+    ap.add_argument(
+        "--models", default="smollm2,0.85b", help=f"comma list: smollm2, {', '.join(SYNTHETIC)}"
+    )
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/loratool-bench"))
-    ap.add_argument("--keep", action="store_true", help="keep the synthetic bases for next time")
-    args = ap.parse_args(argv)
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
-    results = []
-    for name in args.models.split(","):
-        results.append(bench(name.strip(), args, env))
-
-    print(
-        f"\nmerge, r=16 all-linear adapter, {args.repeats} alternating repeats, device "
-        f"{args.device}; median wall and CPU (user+sys) seconds, max peak RSS. Both merges "
-        "form ΔW in fp32 and round once to the weights' dtype."
+    ap.add_argument("--sides", default="loratool,peft,floor", help="comma list of sides to run")
+    ap.add_argument("--no-phases", action="store_true", help="skip the per-phase profile")
+    ap.add_argument(
+        "--workdir", type=Path, default=CACHE, help="where outputs go (same disk as the bases)"
     )
-    head = f"{'model':<9}{'size':>8} | {'side':<9}{'wall s':>8}{'CPU s':>8}{'RSS GB':>8} | ratios"
-    print(head)
-    print("-" * (len(head) + 40))
-    for r in results:
-        s = r["sides"]
-        assert isinstance(s, dict)
-        lt, pf, fl = s["loratool"], s["peft"], s["floor"]
-        size = f"{r['bytes'] / 1e9:.2f}GB" if r["bytes"] else ""
-        notes = {
-            "loratool": f"{pf.wall / lt.wall:.1f}x faster than PEFT (CPU {pf.cpu / lt.cpu:.1f}x) at "
-            f"{lt.rss / pf.rss:.2f}x its RSS; {lt.wall / fl.wall:.2f}x the floor's wall",
-            "peft": f"max |loratool-PEFT| layer 0: {r['max_abs_diff_vs_peft']:.3g}"
-            if r["max_abs_diff_vs_peft"] is not None
-            else "",
-            "floor": f"base GB per wall second: floor {r['bytes'] / fl.wall / 1e9:.2f}, "
-            f"loratool {r['bytes'] / lt.wall / 1e9:.2f}, PEFT {r['bytes'] / pf.wall / 1e9:.2f}",
-        }
-        for i, side in enumerate((lt, pf, fl)):
-            print(
-                f"{r['model'] if i == 0 else '':<9}{size if i == 0 else '':>8} | {side.name:<9}"
-                f"{side.wall:>8.2f}{side.cpu:>8.2f}{side.rss / 1e9:>8.2f} | {notes[side.name]}"
-            )
+    args = ap.parse_args(argv)
+    args.sides = [x.strip() for x in args.sides.split(",")]
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    for name in args.models.split(","):
+        print_result(bench(name.strip(), args, env), args)
     return 0
 
 
