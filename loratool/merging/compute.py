@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from ..errors import FormatError
 from ..stream import byte_view
 from .delta import apply_delta, as2d, check_finite, delta_factors, int_view, target_report
+from .dense import compute_dense, needs_dense
 from .inputs import MemoryCheckpoint
 from .plan import Job
 from .report import Progress, TargetReport
@@ -49,8 +50,13 @@ def compute_job(
     """Apply one job's delta (W and out already on the compute device) and record its report."""
     import torch
 
-    left, right = delta_factors(job, ctx.device, torch.float64 if ctx.precise else torch.float32)
-    res = apply_delta(as2d(W), left, right, as2d(out), roundtrip=ctx.roundtrip, collect=ctx.collect)
+    if needs_dense(job):  # spec 1.1 features and whole tensors (dense.py)
+        res = compute_dense(job, W, out, ctx, outcome)
+    else:
+        left, right = delta_factors(job, ctx.device, torch.float64 if ctx.precise else torch.float32)
+        res = apply_delta(
+            as2d(W), left, right, as2d(out), roundtrip=ctx.roundtrip, collect=ctx.collect
+        )
     check_finite(job, W, out, res, ctx.where)
     rep = target_report(job, res, ctx.names)
     fix = ctx.corrections(job.key)

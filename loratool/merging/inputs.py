@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import constants as C
 from ..adapter import Adapter
 from ..checkpoint import Checkpoint, Entry, safetensors_dtype_of
 from ..errors import FormatError, UsageError
@@ -81,7 +80,7 @@ def adapter_digest(adapter: Adapter) -> str:
     )
     for name in sorted(adapter.targets):
         fresh = adapter.targets[name].replace()  # a copy: loading it leaves the adapter lazy
-        for suffix, x in ((C.LORA_A_SUFFIX, fresh.lora_A), (C.LORA_B_SUFFIX, fresh.lora_B)):
+        for suffix, x in ((f".{p}", fresh.part(p)) for p in fresh.parts()):  # 1.0: A then B
             x = x.detach().cpu().contiguous()
             if x.is_floating_point() and not bool(torch.isfinite(x).all()):
                 raise FormatError(

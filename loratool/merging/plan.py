@@ -65,6 +65,9 @@ def plan_jobs(
                     hint="dequantize the base first",
                 )
             job.terms.append((inp.adapter.targets[tname], sign * inp.weight))
+    from .dense import plan_features  # spec 1.1: bias terms and the refusals, before writing
+
+    plan_features(base, inputs, jobs, sign=sign)
     return jobs
 
 
