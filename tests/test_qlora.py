@@ -289,3 +289,112 @@ def test_onto_quantized_refuses_an_adapter_not_trained_quantised(
         ["merge", str(tiny_llama_dir), str(path), "-o", str(tmp_path / "m"), "--onto-quantized"],
     )
     assert r.exit_code == 2 and "error[not-quantized]" in r.stderr
+
+
+# -- training -------------------------------------------------------------------------------------
+
+
+def _chat_rows(path: Path, n: int = 24) -> Path:
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is two plus {i}?"},
+                {"role": "assistant", "content": f"Two plus {i} is {i + 2}."},
+            ]
+        }
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cfg(model: Path, data: Path, out: Path, **kw: Any) -> Any:
+    from loratool.training import TrainConfig
+
+    base: dict[str, Any] = dict(
+        model=str(model),
+        data=str(data),
+        output=str(out),
+        rank=4,
+        lr=1e-2,
+        seq_len=64,
+        batch_size=2,
+        max_steps=6,
+        dtype="f32",
+        save_every=0,
+        schedule="constant",
+        quantize="nf4",
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_nf4_training_learns_on_a_quantised_base_and_records_it(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    from loratool.training import train
+
+    data = _chat_rows(tmp_path / "chat.jsonl")
+    out = tmp_path / "q.safetensors"
+    result = train(_cfg(tiny_llama_dir, data, out, max_steps=30))
+    losses = result.losses
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5
+    quantized = [m for m in result.model.modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == 14 and all(m.scheme == "nf4" for m in quantized)
+    adapter = load(out, verify=True)
+    assert len(adapter.targets) == 14 and adapter.dtypes == ["F32"]  # LoRA stays fp32
+    tr = adapter.provenance["training"]
+    assert tr["hyperparameters"]["quantize"] == "nf4"
+    q = tr["quantization"]
+    assert q["scheme"] == "nf4" and q["bytes"]["quantized"] < 0.3 * q["bytes"]["bf16"]
+
+
+def test_nf4_training_equals_dense_training_on_the_dequantised_base(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    """The quantised run computes exactly what a dense run on deq(q(W)) does: packing and the
+    chunked loss see an ordinary model."""
+    from loratool.quant.merging import write_dequantized
+    from loratool.training import train
+
+    data = _chat_rows(tmp_path / "chat.jsonl")
+    q = train(_cfg(tiny_llama_dir, data, tmp_path / "q.safetensors"))
+    record = load(tmp_path / "q.safetensors").provenance["training"]["quantization"]
+    dense_dir = tmp_path / "deq"
+    write_dequantized(tiny_llama_dir, record, dense_dir)
+    d = train(_cfg(dense_dir, data, tmp_path / "d.safetensors", quantize=None))
+    torch.testing.assert_close(torch.tensor(q.losses), torch.tensor(d.losses), rtol=1e-5, atol=1e-5)
+
+
+def test_nf4_resume_continues_exactly(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    from loratool.training import train
+
+    data = _chat_rows(tmp_path / "chat.jsonl")
+    kw: dict[str, Any] = dict(max_steps=6, dropout=0.1, schedule="cosine", warmup=2)
+    full = train(_cfg(tiny_llama_dir, data, tmp_path / "full.safetensors", **kw))
+    out = tmp_path / "part.safetensors"
+    calls = iter(range(100))
+    first = train(_cfg(tiny_llama_dir, data, out, **kw), should_stop=lambda: next(calls) == 2)
+    assert first.interrupted and first.steps == 3
+    second = train(_cfg(tiny_llama_dir, data, out, resume="latest", **kw))
+    torch.testing.assert_close(
+        torch.tensor(second.losses), torch.tensor(full.losses), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_cli_int8_bf16_with_checkpointing_and_no_packing(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    data = _chat_rows(tmp_path / "chat.jsonl", 8)
+    out = tmp_path / "i8.safetensors"
+    args = ["train", "--model", str(tiny_llama_dir), "--data", str(data), "-o", str(out)]
+    flags = ["--quantize", "int8", "--dtype", "bf16", "--grad-checkpointing", "--no-packing"]
+    flags += ["--max-steps", "2", "--seq-len", "64", "--rank", "2", "--save-every", "0"]
+    r = CliRunner().invoke(cli, [*args, *flags])
+    assert r.exit_code == 0, r.output
+    q = load(out).provenance["training"]["quantization"]
+    assert q["scheme"] == "int8" and q["source_dtype"] == "bf16"
+    bad = CliRunner().invoke(cli, [*args, "--quantize", "nf3"])
+    assert bad.exit_code == 2 and "nf3" in bad.output
+    lonely = CliRunner().invoke(cli, [*args, "--fsdp", "--force", *flags[6:]])
+    assert lonely.exit_code == 2 and "--fsdp" in lonely.stderr

@@ -92,6 +92,19 @@ def _warmup(value: str) -> float:
     help="bf16: frozen weights in bf16, compute under autocast, LoRA and AdamW in fp32; "
     "auto: bf16 where the device does it natively (CUDA, AVX512-BF16/AMX CPUs) [auto].",
 )
+@click.option(
+    "--quantize",
+    type=click.Choice(["nf4", "int8"]),
+    help="QLoRA: keep the frozen linear weights 4-bit NF4 (double-quantised, ~0.26x bf16) or int8, "
+    "dequantised per layer into --dtype; LoRA and AdamW stay fp32.",
+)
+@click.option(
+    "--fsdp",
+    is_flag=True,
+    default=None,
+    help="Under torchrun: shard the frozen base across the processes (FSDP2), one layer gathered "
+    "at a time; works with --quantize.",
+)
 @click.option("--device", help="cpu, cuda, cuda:N, mps or auto [auto].")
 @click.option("--seed", type=int, help="Seed of the LoRA init, data order and dropout [0].")
 @click.option("--save-every", type=int, help="Checkpoint every N steps; 0: only on Ctrl-C [500].")
@@ -143,6 +156,8 @@ def command(
 
     defaults = EMBEDDING_DEFAULTS if task == "embedding" else {}
     config = build_config({**defaults, **file_values}, given)
+    if task == "embedding" and (config.quantize or config.fsdp):
+        raise click.UsageError("--quantize and --fsdp go with --task causal-lm")
 
     import os
 

@@ -18,6 +18,7 @@ from ..errors import UsageError
 
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("auto", "f32", "bf16")
+QUANTIZE = ("nf4", "int8")
 
 
 @dataclass
@@ -54,6 +55,9 @@ class TrainConfig:
     grad_checkpointing: bool = False
     dtype: str = "auto"  # auto: bf16 where the device computes it natively, else f32
     device: str = "auto"  # auto: cuda (this process's local rank) if available, else cpu
+    # QLoRA: frozen linear weights stored NF4 (double-quantised) or int8, computed in --dtype
+    quantize: str | None = None
+    fsdp: bool = False  # under torchrun: shard the frozen base across processes (FSDP2)
     seed: int = 0
     # -- checkpoints and logs
     save_every: int = 500  # steps; 0 saves only on Ctrl-C
@@ -107,6 +111,8 @@ class TrainConfig:
             raise UsageError(f"--schedule must be one of {', '.join(SCHEDULES)}", code="bad-value")
         if self.dtype not in DTYPES:
             raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}", code="bad-value")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise UsageError(f"--quantize must be one of {', '.join(QUANTIZE)}", code="bad-value")
         if self.eval_data and self.eval_split:
             raise UsageError("give --eval-data or --eval-split, not both", code="bad-value")
         if self.eval_split and not 0.0 < self.eval_split < 1.0:
@@ -136,6 +142,8 @@ class TrainConfig:
         )
         out = {k: getattr(self, k) for k in keep}
         out["alpha"] = self.lora_alpha
+        if self.quantize:  # only when set: the adapters of unquantised runs keep their keys
+            out["quantize"] = self.quantize
         return dict(sorted(out.items()))
 
 

@@ -23,7 +23,7 @@ import torch
 
 from .. import lora
 from ..adapter import Adapter
-from ..errors import TrainingError
+from ..errors import TrainingError, UsageError
 from . import data as D
 from . import runtime as R
 from .attention import packed_segments, use_packed_attention
@@ -48,6 +48,12 @@ class _Trainer(Session):
         c = self.config
         self.device = R.resolve_device(c.device, self.dist)
         self.dtype = R.resolve_dtype(c.dtype, self.device)
+        if c.fsdp and self.dist.world < 2:
+            raise UsageError(
+                "--fsdp shards the base across processes, and this run has one",
+                code="bad-value",
+                hint="torchrun --nproc-per-node N -m loratool train ... --fsdp",
+            )
         # Data first: a bad line fails in a second, before the model loads.
         records = D.read_jsonl(c.data)
         eval_records: list[D.Record] = []
@@ -56,7 +62,13 @@ class _Trainer(Session):
         elif c.eval_split:
             records, eval_records = D.holdout(records, c.eval_split, c.seed)
         self.n_records, self.n_eval = len(records), len(eval_records)
-        model, tokenizer = R.load_model(c, self.dtype)
+        self.quantization = None
+        if c.quantize:
+            from . import qlora
+
+            model, tokenizer, self.quantization = qlora.load(c, self.dtype)
+        else:
+            model, tokenizer = R.load_model(c, self.dtype)
         tok = D.tokenize(records, tokenizer, seq_len=c.seq_len, path=c.data)
         evals = (
             D.tokenize(eval_records, tokenizer, seq_len=c.seq_len, path=c.eval_data or c.data)
@@ -72,6 +84,17 @@ class _Trainer(Session):
 
         model.to(self.device)
         self.setup_lora(model)
+        if c.fsdp:
+            from .sharding import shard
+
+            done = shard(model, self.device)
+            self.emit(
+                TrainEvent(
+                    "info",
+                    message=f"FSDP: {done['units']} units over {self.dist.world} processes; this "
+                    f"one holds {done['local_bytes']:,} of the base's {done['base_bytes']:,} bytes",
+                )
+            )
         body, head = R.body_and_head(model)
         vocab = int(model.config.vocab_size)
         self.packed_attention = c.packing and use_packed_attention(model)
@@ -148,6 +171,8 @@ class _Trainer(Session):
             # The mean over the whole step's targets, on every process.
             loss = self._loss_sum(batch, backward_scale=1.0 / n_targets)
             loss_sum += loss.detach().double().cpu()
+        for _ in range(self._fillers(len(batches))):  # --fsdp: weightless, to gather in step
+            self._loss_sum(self._filler(self.plan), backward_scale=0.0)
         params = list(self.params.values())
         if self.dist.world > 1:  # sum the LoRA gradients of all processes in one all-reduce
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -159,6 +184,19 @@ class _Trainer(Session):
         loss_mean = float(self.reduce(loss_sum)) / n_targets
         norm = self.clip_and_step(loss_mean)
         return StepStats(loss_mean, n_tokens, norm, targets=n_targets)
+
+    def _fillers(self, n: int) -> int:
+        """--fsdp: forwards this process runs beyond its ``n`` so all run as many (FSDP gathers
+        every layer in each one, and a gather needs every process)."""
+        if not self.config.fsdp:
+            return 0
+        from .sharding import fillers
+
+        return fillers(n)
+
+    @staticmethod
+    def _filler(plan: Plan) -> D.Batch:
+        return D.make_batch(plan.docs, [plan.rows[0]], packed=plan.packed)
 
     @property
     def has_eval(self) -> bool:
@@ -177,6 +215,8 @@ class _Trainer(Session):
                 batch = D.make_batch(plan.docs, chunk, packed=plan.packed)
                 sums[0] += float(self._loss_sum(batch))
                 sums[1] += batch.num_targets
+            for _ in range(self._fillers(-(-len(rows) // self.config.batch_size))):
+                self._loss_sum(self._filler(plan))
             sums = self.reduce(sums)
         finally:
             self.model.train()
@@ -252,6 +292,10 @@ class _Trainer(Session):
             "processes": self.dist.world,
             "versions": R.library_versions(),
         }
+        if self.quantization is not None:
+            training["quantization"] = self.quantization.provenance()
+        if c.fsdp:
+            training["fsdp"] = True
         if self.eval_loss is not None and math.isfinite(self.eval_loss):
             training["eval"] = {
                 "loss": self.eval_loss,
