@@ -231,10 +231,9 @@ class Target:
         return self.name + kinds.get(self.kind).bound(self)[0]
 
     @property
-    def weight_shape(self) -> tuple[int, int]:
-        if self.lowrank:
-            return weight_shape(self.kind, self.in_features, self.out_features)
-        return kinds.get(self.kind).bound(self)[1]  # type: ignore[return-value]
+    def weight_shape(self) -> tuple[int, ...]:
+        # The kind says (a 1.0 kind: weight_shape(in, out); conv2d and 1.1 kinds: their bound).
+        return kinds.get(self.kind).bound(self)[1]
 
     @property
     def num_params(self) -> int:
@@ -269,8 +268,12 @@ class Target:
             features=self.features,
             fields=self.fields,
         )
-        if not {"lora_A", "lora_B", "tensors"} & set(changes):
-            kw.update(lora_A=self._A, lora_B=self._B, loader=self._loader, tensors=self._parts)
+        if not {"lora_A", "lora_B"} & set(changes):
+            kw.update(lora_A=self._A, lora_B=self._B, loader=self._loader)
+            if "tensors" not in changes:
+                kw["tensors"] = self._parts
+            elif self._parts:
+                kw["tensors"] = {**self._parts, **changes.pop("tensors")}
         elif "tensors" not in changes and self.features:
             # new factors, same feature parts: load them now, the loader stays with the old copy
             kw.update(

@@ -55,7 +55,12 @@ KIND_FULL = "full"  # whole replacement tensors (PEFT modules_to_save), maybe wi
 KIND_TOKENS = "tokens"  # replacement rows of an embedding (PEFT trainable_token_indices)
 KIND_BIAS = "bias"  # a bias delta on a module that has no LoRA (PEFT bias="all")
 KINDS_10 = (KIND_LINEAR, KIND_CONV1D, KIND_EMBEDDING)
-KINDS = (*KINDS_10, KIND_FULL, KIND_TOKENS, KIND_BIAS)
+# Image-model kinds (1.1): Conv2d LoRA (kohya LoCon, PEFT Conv2d) and LyCORIS' LoHa and LoKr
+KIND_CONV2D = "conv2d"  # lora_A [r, in, kh, kw], lora_B [out, r, 1, 1], header field kernel
+KIND_LOHA = "loha"  # ΔW = scale·(w1_a·w1_b) ⊙ (w2_a·w2_b)
+KIND_LOKR = "lokr"  # ΔW = scale·kron(w1, w2)
+KINDS_IMAGE = (KIND_CONV2D, KIND_LOHA, KIND_LOKR)
+KINDS = (*KINDS_10, KIND_FULL, KIND_TOKENS, KIND_BIAS, *KINDS_IMAGE)
 TARGET_FIELDS = ("alpha", "in_features", "kind", "out_features", "rank", "scale_rule")
 
 # §3.5 (1.1) per-target features of a LoRA target (field ``features``), each with its tensor
@@ -64,7 +69,7 @@ FEATURE_LORA_BIAS = "lora_bias"  # M.lora_bias [out]: b' = b + scale·lora_bias 
 FEATURE_BIAS = "bias"  # M.bias_delta [out]: b' = b + bias_delta (PEFT bias="lora_only")
 FEATURES = (FEATURE_BIAS, FEATURE_DORA, FEATURE_LORA_BIAS)
 # Names in ``loratool.requires`` (§4.1): every 1.1 feature and every 1.1 kind a file uses.
-REQUIRABLE = (*FEATURES, KIND_FULL, KIND_TOKENS, KIND_BIAS)
+REQUIRABLE = (*FEATURES, KIND_FULL, KIND_TOKENS, KIND_BIAS, *KINDS_IMAGE)
 
 # §3.5–3.6 tensor parts: a target M owns the tensors ``M.<part>`` its kind and features name
 PART_A = "lora_A"

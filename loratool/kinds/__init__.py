@@ -22,12 +22,25 @@ from typing import Any
 
 from ..errors import UsageError
 from .base import Kind
+from .conv import Conv2d
 from .embedding import Embedding
 from .linear import Conv1D, Linear
+from .lycoris import LoHa, LoKr
 from .whole import BiasDelta, Full, Tokens
 
 REGISTRY: dict[str, Kind] = {
-    k.name: k for k in (Linear(), Conv1D(), Embedding(), Full(), Tokens(), BiasDelta())
+    k.name: k
+    for k in (
+        Linear(),
+        Conv1D(),
+        Embedding(),
+        Full(),
+        Tokens(),
+        BiasDelta(),
+        Conv2d(),
+        LoHa(),
+        LoKr(),
+    )
 }
 
 
@@ -73,10 +86,13 @@ __all__ = [
     "REGISTRY",
     "BiasDelta",
     "Conv1D",
+    "Conv2d",
     "Embedding",
     "Full",
     "Kind",
     "Linear",
+    "LoHa",
+    "LoKr",
     "Tokens",
     "get",
     "linear_like",
