@@ -117,6 +117,10 @@ def apply_delta(
     w, r = buf("w", cdt), buf("r", cdt)
     r2 = buf("r2", cdt) if roundtrip else None
     back = buf("back", W.dtype) if roundtrip else None
+    # ``out`` may be ``W`` itself (the streaming pipeline merges in place): each block of W is
+    # upcast before its result overwrites it, and the round-trip check compares against a copy.
+    alias = out.data_ptr() == W.data_ptr() and W.numel() > 0
+    orig = buf("orig", W.dtype) if roundtrip and alias else None
     sums: list[list[torch.Tensor]] = [[], []]  # fp32 block dots, summed in fp64 at the end
     res = DeltaResult([0.0, 0.0, 0.0])
     idx_parts: list[torch.Tensor] = []
@@ -129,6 +133,8 @@ def apply_delta(
             dd.copy_(prod[:k])  # the one rounding of the product, fp64 → fp32
         rv = rr.view(-1)
         ww.copy_(wb)  # exact upcast (mixed-dtype arithmetic is slow on the CPU)
+        if orig is not None:
+            wb = orig[:k].copy_(wb)  # W's bits, before ob (the same memory) overwrites them
         torch.add(ww, dd, out=rr)  # one fp32 add
         ob.copy_(rr)  # the one rounding to the output dtype
         rr.copy_(ob)

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..checkpoint import ALL_DTYPES, Checkpoint
+from ..errors import FormatError
 from ..stream import SafetensorsWriter, TensorSpec, aligned_order, byte_view
 from .compute import Context, Outcome, compute_job, sha256_of
+from .delta import DeltaResult, check_finite
 from .plan import Job, job_nbytes
 from .report import ProgressEvent
 
@@ -166,11 +168,14 @@ def _stream_files(
         job: Job,
         W: torch.Tensor,
         buf: torch.Tensor | None,
-        obuf: torch.Tensor,
+        obuf: torch.Tensor | None,
     ) -> None:
         try:
-            out = _view(obuf, job.out_dtype, job.shape)
-            if cuda:
+            if obuf is None:  # in place, over the weight just read (apply_delta allows it)
+                out = W
+                _in_place(job, W, ctx, outcome, base)
+            elif cuda:
+                out = _view(obuf, job.out_dtype, job.shape)
                 stream = _thread_stream()
                 with torch.cuda.stream(stream):
                     od = torch.empty(job.shape, dtype=out.dtype, device=ctx.device)
@@ -178,8 +183,9 @@ def _stream_files(
                     out.copy_(od, non_blocking=True)
                 stream.synchronize()  # this worker waits for its download; the other computes
             else:
+                out = _view(obuf, job.out_dtype, job.shape)
                 compute_job(job, W, out, ctx, outcome)
-            if buf is not None:
+            if buf is not None and obuf is not None:
                 in_pool.put(buf)
                 buf = None
             with _WRITE:
@@ -189,7 +195,8 @@ def _stream_files(
         finally:
             if buf is not None:
                 in_pool.put(buf)
-            out_pool.put(obuf)
+            if obuf is not None:
+                out_pool.put(obuf)
 
     reader = ThreadPoolExecutor(1, thread_name_prefix="loratool-read")
     pool = ThreadPoolExecutor(workers, thread_name_prefix="loratool-merge")
@@ -223,7 +230,10 @@ def _stream_files(
                     read_ahead()
                     if digest is not None:
                         outcome.hashes[name] = digest
-                    obuf = out_pool.get()  # blocks while every worker is busy: bounded memory
+                    # An output buffer where the dtype changes or the result comes back from
+                    # the GPU (blocks while every worker is busy: bounded memory); else in place.
+                    inplace = not cuda and job.out_dtype == job.in_dtype
+                    obuf = None if inplace else out_pool.get()
                     tasks.append(pool.submit(process, w, job, W, buf, obuf))
                     del W, buf
                 elif job.out_dtype == job.in_dtype:
@@ -287,6 +297,21 @@ def _thread_stream() -> Any:
     if stream is None:
         stream = _local.stream = torch.cuda.Stream()
     return stream
+
+
+def _in_place(job: Job, W: torch.Tensor, ctx: Context, outcome: Outcome, base: Checkpoint) -> None:
+    """``compute_job`` with the result written over ``W`` (no second weight-sized buffer).
+
+    Only telling a NaN/Inf in the base from an overflow needs the original weight once it is
+    overwritten: that rare refusal reads it again from the base file.
+    """
+    try:
+        compute_job(job, W, W, ctx, outcome)
+    except FormatError as e:
+        if e.code != "non-finite":
+            raise
+        check_finite(job, base.read(job.key), W, DeltaResult([math.nan] * 3), ctx.where)
+        raise
 
 
 # One writer into the page cache at a time: two threads writing one file contend for its inode
