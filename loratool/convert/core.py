@@ -159,6 +159,9 @@ def bind_to_base(
     from ..checkpoint import Checkpoint
 
     ckpt = Checkpoint(base)
+    from .peft_features import complete
+
+    notes += complete(adapter, ckpt)  # spec 1.1: what only the base knows (a vocabulary)
     adapter = _map_kohya_names(adapter, ckpt, notes)
     _fix_kinds(adapter, ckpt, notes)
     ckpt.check_fits(adapter)  # every module present with the right shape, before any write
@@ -186,6 +189,13 @@ def _materialize(adapter: Adapter, dtype: str | None) -> Adapter:
 
     targets = {}
     for name, t in adapter.targets.items():
+        if not t.plain:  # spec 1.1: every part, cast alike
+            parts = {
+                p: x if dtype is None else x.to(torch_dtype(dtype)) for p, x in t.tensors().items()
+            }
+            ab = {k: parts.pop(k) for k in ("lora_A", "lora_B") if k in parts}
+            targets[name] = t.replace(**ab, tensors=parts, dtype=dtype or t.dtype)
+            continue
         a, b = t.lora_A, t.lora_B
         if dtype is not None and dtype != t.dtype:
             want = torch_dtype(dtype)
@@ -291,6 +301,13 @@ def convert(
         isinstance(source, dict) and source.get("embedding_copies") and opened.format != "loratool"
     ):
         notes.append("the dropped embedding copy was not compared with a base (pass --base)")
+    if to in ("kohya", "gguf", "diffusers"):  # spec 1.1 §3.7: refuse, never drop a part
+        from .. import kinds
+
+        for t in adapter.targets.values():
+            why = kinds.get(t.kind).refusal(to, t)
+            if why is not None:
+                raise UsageError(f"target '{t.name}': {why}", code="unsupported-feature")
     # GGUF folds scales into lora_b: it casts itself, so each value is rounded once.
     adapter = _materialize(adapter, DTYPES[dtype] if dtype and to != "gguf" else None)
 

@@ -116,27 +116,23 @@ def check_config(cfg: Any, where: str) -> dict[str, Any]:
     ):
         raise bad("layers_to_transform must be an integer or a list of integers")
 
-    if out.get("use_dora"):
-        raise bad(
-            "the adapter uses DoRA (use_dora): its magnitude vectors rescale each weight "
-            "column, which a plain LoRA file cannot express",
-            code="dora",
-            hint="merge it with PEFT (merge_and_unload) and run `loratool extract` on the result, "
-            "or train without use_dora",
-        )
-    if out.get("lora_bias"):
-        raise bad(
-            "the adapter trains a bias on lora_B (lora_bias), which a LoRA file cannot carry",
-            code="lora-bias",
-            hint="merge it with PEFT (merge_and_unload), or train with lora_bias=False",
-        )
-    if out.get("trainable_token_indices"):
-        raise bad(
-            "the adapter trains token embeddings (trainable_token_indices), which a LoRA file "
-            "cannot carry",
-            code="trainable-tokens",
-            hint="merge it with PEFT (merge_and_unload)",
-        )
+    # use_dora, lora_bias and trainable_token_indices are spec 1.1 features (peft_features).
+    tokens = out.get("trainable_token_indices")
+    if tokens is not None:
+        lists = list(tokens.values()) if isinstance(tokens, dict) else [tokens]
+        if isinstance(tokens, dict) and not all(isinstance(k, str) for k in tokens):
+            raise bad("trainable_token_indices must map module names to lists of token ids")
+        for ids in lists:
+            if not (
+                isinstance(ids, list)
+                and len(ids) <= C.MAX_TOKENS
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+                and len(set(ids)) == len(ids)
+            ):
+                raise bad(
+                    "trainable_token_indices must be a list of distinct token ids "
+                    f"(at most {C.MAX_TOKENS}), or a dict of such lists"
+                )
     if out.get("use_qalora"):
         raise bad(
             "the adapter is a QA-LoRA adapter (use_qalora): it pools inputs before lora_A",

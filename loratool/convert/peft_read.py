@@ -19,6 +19,7 @@ from ..errors import FormatError
 from . import naming
 from ._st import open_st, read_json
 from .peft_config import CONFIG_NAME, FORMAT, PICKLE_NAMES, WEIGHTS_NAME, check_config
+from .peft_features import attach, take_extras
 from .peft_keys import build_targets, group_keys, refuse_extras
 
 if TYPE_CHECKING:
@@ -157,11 +158,13 @@ def read_peft_folder(folder: Path, hub: Mapping[str, str] | None = None) -> tupl
     weights = _weights_path(folder)
     st = open_st(weights)
     g = group_keys(st.tensors)
+    extras = take_extras(g, cfg)  # spec 1.1: DoRA, LoRA biases, modules_to_save, tokens
     refuse_extras(g, cfg, str(weights))
     notes: list[str] = []
     targets = build_targets(
         st, g, config_for=lambda module: (cfg, module), where=str(weights), notes=notes
     )
+    targets = attach(st, extras, targets, cfg, str(weights))
     if g.base_copies:
         notes.append(
             "dropped the copy of the base embedding PEFT saves with embedding targets ("

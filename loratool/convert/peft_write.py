@@ -36,7 +36,7 @@ def peft_config(
     """
     from ..adapter import alpha_for
 
-    ts = list(adapter.targets.values())
+    ts = [t for t in adapter.targets.values() if t.lowrank]  # 1.1 whole tensors: below
     n_rs = sum(t.scale_rule == C.SCALE_RSLORA for t in ts)
     rule = C.SCALE_RSLORA if n_rs * 2 > len(ts) else C.SCALE_STANDARD
     alphas = {
@@ -54,7 +54,7 @@ def peft_config(
         "inference_mode": True,
         "r": r,
         "lora_alpha": _plain(lora_alpha),
-        "target_modules": sorted(adapter.targets),
+        "target_modules": sorted(t.name for t in ts),
         "rank_pattern": naming.suffix_patterns(ranks, r),
         "alpha_pattern": {
             k: _plain(v) for k, v in naming.suffix_patterns(alphas, lora_alpha).items()
@@ -69,6 +69,9 @@ def peft_config(
     }
     if rule == C.SCALE_RSLORA:
         cfg["use_rslora"] = True  # written only when set: PEFT < 0.7 has no such field
+    from .peft_features import config_extras
+
+    config_extras(adapter, cfg)  # spec 1.1 features: use_dora, modules_to_save, ...
     return cfg
 
 
@@ -145,9 +148,14 @@ def write_peft(
     cfg = peft_config(adapter, base_model=base_id, task_type=task_type or _infer_task_type(adapter))
     tensors = {}
     for t in adapter.targets.values():
+        if not t.lowrank:
+            continue
         a_name, b_name = kinds.get(t.kind).peft_names
         tensors[f"{KEY_PREFIX}{t.name}.{a_name}"] = t.lora_A
         tensors[f"{KEY_PREFIX}{t.name}.{b_name}"] = t.lora_B
+    from .peft_features import peft_tensors
+
+    tensors.update(peft_tensors(adapter))
     blob = st_bytes(tensors, {"format": "pt"})
     with atomic_dir(out_dir, force=force) as tmp:
         (tmp / WEIGHTS_NAME).write_bytes(blob)

@@ -42,6 +42,8 @@ def _validate_for_write(adapter: Adapter) -> None:
                 f"target stored under '{name}' is named '{t.name}'", code="bad-target"
             )
         check_target(name, t.header(), "<adapter>")  # the same field checks the reader applies
+        if "pending" in t.fields:  # e.g. a PEFT tokens target before convert --base
+            raise FormatError(f"target '{name}': {t.fields['pending']}", code="needs-base")
         if t.plain:
             a, b = t.lora_A, t.lora_B
             if tuple(a.shape) != (t.rank, t.in_features) or tuple(b.shape) != (

@@ -109,6 +109,8 @@ def compute_dense(
         new = X
         for t, w in job.terms:
             new = _apply(job, t, new, w)
+    # out may be W's own buffer (the pipeline writes in place): keep what the check needs
+    orig = W.detach().clone() if ctx.roundtrip and not unmerge else W
     out.copy_(new.to(out.dtype))  # the one rounding
     res = DeltaResult([float((new - X).square().sum())])
     got = out.to(cdt)
@@ -116,7 +118,7 @@ def compute_dense(
     if ctx.roundtrip and not unmerge:
         norms = _norms(job, X)
         back = _inverse(job, got, norms).to(W.dtype)
-        _misses(back, W, res, collect=ctx.collect)
+        _misses(back, orig, res, collect=ctx.collect)
         if ctx.collect and not all(kinds.get(t.kind).exact_inverse(t) for t, _ in job.terms):
             _keep(outcome, job.key + DENSE_SUFFIX, norms)
     return res
