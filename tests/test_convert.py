@@ -326,9 +326,10 @@ HOSTILE = {
     "config-mismatch": "config-mismatch",
     "not-selected": "config-mismatch",
     "peft-type": "peft-type",
-    "dora": "dora",
-    "dora-flag": "dora",
-    "modules-to-save": "modules-to-save",
+    # spec 1.1 reads DoRA and modules_to_save; what stays hostile is a config that disagrees
+    # with the tensors (test_spec11 reads the valid forms)
+    "dora": "config-mismatch",
+    "dora-flag": "missing-tensor",
     "lora-bias": "lora-bias",
     "missing-tensor": "missing-tensor",
     "bad-json": "bad-config",

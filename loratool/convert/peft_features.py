@@ -105,6 +105,27 @@ def attach(
     """The targets with their features, plus ``full`` and ``tokens`` targets (tensors read now:
     the PEFT factor loader knows only A and B)."""
     out = dict(targets)
+    if cfg is not None:  # the flags and the tensors must agree, or PEFT computes something else
+        for flag, found, what in (
+            ("use_dora", ex.dora, "magnitude"),
+            ("lora_bias", ex.lora_bias, "bias"),
+        ):
+            on = bool(cfg.get(flag))
+            for module in sorted(targets):
+                if on and module not in found:
+                    raise FormatError(
+                        f"{flag} is set but '{module}' has no LoRA {what} tensor",
+                        code="missing-tensor",
+                        where=where,
+                    )
+            if found and not on:
+                raise FormatError(
+                    f"'{next(iter(found))}' has a LoRA {what} tensor but the config does not set "
+                    f"{flag}: PEFT would ignore it",
+                    code="config-mismatch",
+                    where=where,
+                    hint="the config and the weights come from different adapters",
+                )
     for module in sorted(set(ex.dora) | set(ex.lora_bias)):
         t = out.get(module)
         if t is None:
