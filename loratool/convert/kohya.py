@@ -27,7 +27,7 @@ from .. import constants as C
 from .. import kinds
 from ..adapter import Adapter, Target
 from ..errors import FormatError, UsageError
-from . import naming
+from . import lycoris, naming
 from ._st import StFile, open_st
 from .peft_keys import check_module_name, factor_loader
 
@@ -43,22 +43,12 @@ NAMES_KEY = "loratool.modules"  # {kohya name: module path}, written by write_ko
 BASE_KEY = C.BASE_KEY  # the loratool binding (hub id, revision), JSON
 
 # Suffixes of LyCORIS and other non-LoRA kohya-family networks, with what they are.
+# (LoCon convs, lora_mid, LoHa, LoKr and dora_scale are read: convert/lycoris.py.)
 _NOT_LORA = {
-    ".hada_w1_a": "LoHa",
-    ".hada_w1_b": "LoHa",
-    ".hada_w2_a": "LoHa",
-    ".hada_t1": "LoHa",
-    ".lokr_w1": "LoKr",
-    ".lokr_w1_a": "LoKr",
-    ".lokr_w2": "LoKr",
-    ".lokr_w2_a": "LoKr",
-    ".lokr_t2": "LoKr",
     ".oft_blocks": "OFT",
     ".oft_diag": "OFT",
-    ".lora_mid.weight": "LoCon with a Tucker core (lora_mid)",
     ".diff": "a full weight difference",
     ".diff_b": "a full bias difference",
-    ".dora_scale": "DoRA (dora_scale)",
     ".w_norm": "a norm-layer update",
     ".b_norm": "a norm-layer update",
     ".lora_up.bias": "a LoRA bias",
@@ -87,8 +77,11 @@ _RESTORE = (
 )
 
 
+_LYCORIS = tuple("." + p for p in lycoris.PARTS if p not in ("lora_down.weight", "lora_up.weight"))
+
+
 def looks_like_kohya(st: StFile) -> bool:
-    return any(k.endswith((DOWN, UP, *_NOT_LORA)) for k in st.tensors)
+    return any(k.endswith((DOWN, UP, *_LYCORIS, *_NOT_LORA)) for k in st.tensors)
 
 
 def _name_map(st: StFile, names: set[str]) -> dict[str, str]:
@@ -111,11 +104,14 @@ def _name_map(st: StFile, names: set[str]) -> dict[str, str]:
     return out
 
 
+_LYCORIS_PARTS = tuple((s, s[1:]) for s in _LYCORIS)
+
+
 def read_kohya_file(st: StFile) -> Adapter:
     where = st.path
     modules: dict[str, dict[str, str]] = {}
     for key in sorted(st.tensors):
-        for suffix, part in ((DOWN, "down"), (UP, "up"), (ALPHA, "alpha")):
+        for suffix, part in ((DOWN, "down"), (UP, "up"), (ALPHA, "alpha"), *_LYCORIS_PARTS):
             if key.endswith(suffix):
                 modules.setdefault(key[: -len(suffix)], {})[part] = key
                 break
@@ -144,10 +140,28 @@ def read_kohya_file(st: StFile) -> Adapter:
         )
     targets: list[Target] = []
     zero_alpha = missing_alpha = 0
-    names = {m for m, parts in modules.items() if "down" in parts or "up" in parts}
+    names = {m for m, parts in modules.items() if set(parts) - {"alpha"}}
     rename = _name_map(st, names)
     for module in sorted(modules):
         parts = modules[module]
+        if lycoris.is_lycoris(parts, st):
+            alpha_key = parts.get("alpha")
+            a = None if alpha_key is None else st.scalar(alpha_key)
+            if a is not None and not math.isfinite(a):
+                raise FormatError(
+                    f"module '{module}' has alpha {a}", code="bad-target", where=where
+                )
+            zero_alpha += a == 0.0
+            missing_alpha += a is None
+            name = rename.get(module, module)
+            check_module_name(name, where)
+            keys = {
+                lycoris.DOWN if p == "down" else lycoris.UP if p == "up" else p: k
+                for p, k in parts.items()
+                if p != "alpha"
+            }
+            targets.append(lycoris.read_module(st, name, module, keys, a, where))
+            continue
         if "down" not in parts or "up" not in parts:
             have = ", ".join(sorted(parts))
             raise FormatError(
@@ -156,11 +170,11 @@ def read_kohya_file(st: StFile) -> Adapter:
                 where=where,
             )
         down, up = st.tensors[parts["down"]], st.tensors[parts["up"]]
-        if len(down.shape) != 2 or len(up.shape) != 2:
+        if len(up.shape) != 2:
             raise FormatError(
-                f"module '{module}' is a convolution (lora_down {list(down.shape)}); loratool "
-                "format 1.0 holds linear layers only",
-                code="unsupported-layer",
+                f"module '{module}': lora_up {list(up.shape)} does not match lora_down "
+                f"{list(down.shape)}",
+                code="shape-mismatch",
                 where=where,
             )
         rank, in_features = down.shape
@@ -299,6 +313,7 @@ def kohya_state(
     names: dict[str, str] = {}
     alphas: list[float] = []
     rounded = 0
+    algos: set[str] = set()
     for t in sorted(adapter.targets.values(), key=lambda t: t.name):
         k = naming.kohya_name(t.name, prefix=prefix, te_count=len(te))
         if k in names:
@@ -307,12 +322,17 @@ def kohya_state(
                 code="name-collision",
             )
         names[k] = t.name
-        alpha = kohya_alpha(t)
+        if t.kind == C.KIND_LINEAR and not t.features:
+            alpha = kohya_alpha(t)
+            tensors[k + DOWN] = t.lora_A
+            tensors[k + UP] = t.lora_B
+        else:  # LoCon convs, DoRA, LoHa, LoKr: LyCORIS' names
+            parts, alpha = lycoris.lycoris_tensors(t, k)
+            tensors.update(parts)
+            algos.add({"loha": "loha", "lokr": "lokr"}.get(t.kind, "locon"))
         alpha32 = torch.tensor(alpha, dtype=torch.float32)
         rounded += float(alpha32) != alpha
         alphas.append(float(alpha32))
-        tensors[k + DOWN] = t.lora_A
-        tensors[k + UP] = t.lora_B
         tensors[k + ALPHA] = alpha32
     ranks = {t.rank for t in adapter.targets.values()}
     meta: dict[str, str] = {}
@@ -321,10 +341,12 @@ def kohya_state(
         meta.update({k: str(source[k]) for k in _RESTORE if isinstance(source.get(k), str)})
     meta.update(
         {
-            "ss_network_module": NETWORK_MODULE,
+            "ss_network_module": NETWORK_MODULE if algos <= {"locon"} else "lycoris.kohya",
             "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
             "ss_network_alpha": repr(alphas[0]) if len(set(alphas)) == 1 else "Dynamic",
-            "ss_network_args": "{}",
+            "ss_network_args": "{}"
+            if algos <= {"locon"}
+            else canonical_json({"algo": "/".join(sorted(algos))}),
         }
     )
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = model_hashes(tensors, meta)

@@ -164,6 +164,20 @@ def check_module_name(name: str, where: str) -> None:
         )
 
 
+def conv_kernel(module: str, a: tuple[int, ...], b: tuple[int, ...], where: str) -> tuple[int, ...]:
+    """``(kh, kw)`` of a Conv2d LoRA (A ``[r, in, kh, kw]``, B ``[out, r, 1, 1]``), () for 2-D."""
+    if len(a) == 2 and len(b) == 2:
+        return ()
+    if len(a) == 4 and len(b) == 4 and tuple(b[2:]) == (1, 1):
+        return (int(a[2]), int(a[3]))
+    raise FormatError(
+        f"module '{module}' has factors {list(a)} and {list(b)}: neither a Linear LoRA "
+        "([r, in], [out, r]) nor a Conv2d one ([r, in, kh, kw], [out, r, 1, 1])",
+        code="unsupported-layer",
+        where=where,
+    )
+
+
 def build_targets(
     st: StFile,
     g: KeyGroups,
@@ -200,15 +214,9 @@ def build_targets(
                     where=where,
                 )
         a, b = st.tensors[parts["A"]], st.tensors[parts["B"]]
-        if len(a.shape) != 2 or len(b.shape) != 2:
-            raise FormatError(
-                f"module '{module}' has {len(a.shape)}-d factors: convolution LoRA is not "
-                "supported (loratool format 1.0 holds linear, Conv1D and embedding layers)",
-                code="unsupported-layer",
-                where=where,
-            )
-        rank, in_features = a.shape
-        out_features, rank_b = b.shape
+        kernel = conv_kernel(module, a.shape, b.shape, where)
+        rank, in_features = a.shape[:2]
+        out_features, rank_b = b.shape[:2]
         if rank_b != rank or rank == 0:
             raise FormatError(
                 f"module '{module}': lora_B {list(b.shape)} does not match lora_A {list(a.shape)}",
@@ -254,6 +262,8 @@ def build_targets(
                 kind = C.KIND_EMBEDDING
             else:
                 kind = C.KIND_CONV1D if cfg.get("fan_in_fan_out") else C.KIND_LINEAR
+        if kernel:
+            kind = C.KIND_CONV2D
         if not math.isfinite(alpha):
             raise FormatError(
                 f"module '{module}' has alpha {alpha}", code="bad-target", where=where
@@ -270,6 +280,7 @@ def build_targets(
             kind=kind,
             dtype=dtype,
             loader=factor_loader(st, parts["A"], parts["B"], dtype),
+            fields={"kernel": kernel} if kernel else None,
         )
     if f64:
         notes.append(f"{f64} modules stored in f64: factors rounded to f32")
