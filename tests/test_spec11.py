@@ -163,3 +163,14 @@ def test_merge_refuses_what_has_no_exact_rule() -> None:
     with pytest.raises(CompatibilityError) as e:
         merge(base, [a], force=True)
     assert e.value.code == "no-bias"
+
+
+def test_lowrank_operations_refuse_1_1_parts_instead_of_dropping_them() -> None:
+    from loratool.errors import UsageError
+    from loratool.lowrank import combine, reduce_rank
+
+    a = loratool.load(FEATURES)
+    for call in (lambda: reduce_rank(a, rank=1), lambda: combine([a, a])):
+        with pytest.raises(UsageError) as e:
+            call()
+        assert e.value.code == "unsupported-feature"

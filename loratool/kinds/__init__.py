@@ -69,6 +69,24 @@ def linear_like() -> tuple[str, ...]:
     return tuple(k.name for k in REGISTRY.values() if k.dense and k.lowrank)
 
 
+def check_plain(targets: Any, op: str) -> None:
+    """Refuse (``unsupported-feature``) any target ``op`` has no exact rule for yet: spec §3.7
+    says never drop a part. The kind's ``refusal`` gives the reason where the spec has one."""
+    from .. import constants as C
+
+    for t in targets:
+        if t.features or t.kind not in C.KINDS_10:
+            why = get(t.kind).refusal(op, t) or (
+                f"{t.kind}{' with ' + ', '.join(t.features) if t.features else ''}: "
+                f"{op} does not carry it yet"
+            )
+            raise UsageError(
+                f"target '{t.name}': {why}",
+                code="unsupported-feature",
+                hint="merge the adapter, or convert --to peft and use PEFT for this operation",
+            )
+
+
 def requirements(targets: Any) -> list[str]:
     """The sorted ``loratool.requires`` names (§4.1) a set of targets uses: 1.1 features and
     every kind that is not a 1.0 kind. Empty for a file a 1.0 reader reads."""
@@ -94,6 +112,7 @@ __all__ = [
     "LoHa",
     "LoKr",
     "Tokens",
+    "check_plain",
     "get",
     "linear_like",
     "of_module",

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 from typing import Unpack
 
 from .. import constants as C
+from .. import kinds
 from ..adapter import Adapter, BaseBinding, Target
 from ..errors import CompatibilityError, UsageError
 from .core import CoreJob, factors32, solve
@@ -52,6 +53,8 @@ def combine(
             hint="give --weight once per adapter, in the same order, or not at all (all 1)",
         )
     ws = [float(w) for w in weights]
+    for each in adapters:  # spec 1.1 parts: refused, never dropped
+        kinds.check_plain(each.targets.values(), "combine")
     if not all(math.isfinite(w) for w in ws):
         raise UsageError("weights must be finite numbers", code="weights")
 

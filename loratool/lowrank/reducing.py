@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Unpack
 
 from .. import constants as C
+from .. import kinds
 from ..adapter import Adapter, Target, alpha_for
 from .core import CoreJob, factors32, solve
 from .report import LowRankReport, report_row, source_entry, with_operation
@@ -29,6 +30,7 @@ def reduce_rank(
     from ..format import iter_targets, torch_dtype
 
     targets = list(iter_targets(adapter))
+    kinds.check_plain(targets, "reduce-rank")  # spec 1.1 parts: refused, never dropped
     jobs = []
     for t in targets:
         a, b = factors32(t, adapter.path)
