@@ -84,18 +84,19 @@ class _Trainer(Session):
 
         model.to(self.device)
         self.setup_lora(model)
+        body, head = R.body_and_head(model)
         if c.fsdp:
             from .sharding import shard
 
-            done = shard(model, self.device)
+            done = shard(model, body, head, self.device)
             self.emit(
                 TrainEvent(
                     "info",
                     message=f"FSDP: {done['units']} units over {self.dist.world} processes; this "
-                    f"one holds {done['local_bytes']:,} of the base's {done['base_bytes']:,} bytes",
+                    f"one holds {done['local_bytes']:,} of the base's {done['base_bytes']:,} bytes "
+                    f"(the output head's {done['head_bytes']:,} whole)",
                 )
             )
-        body, head = R.body_and_head(model)
         vocab = int(model.config.vocab_size)
         self.packed_attention = c.packing and use_packed_attention(model)
         if c.packing and not R.check_packing_isolation(body, vocab, self.device):

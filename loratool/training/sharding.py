@@ -1,6 +1,6 @@
 """``--fsdp``: the frozen base sharded across processes with PyTorch's FSDP2 (``fully_shard``).
 
-Each decoder layer, then the model around them, becomes one FSDP unit: a process keeps 1/N of
+Each decoder layer, then the model body around them, becomes one FSDP unit: a process keeps 1/N of
 every frozen base tensor (dense, or the packed parts of a ``--quantize``d ``QuantLinear``, which
 are plain frozen parameters to FSDP) and gathers one layer's worth just before that layer runs,
 forward and again in backward, then frees it (``reshard_after_forward``). Peak base memory per
@@ -31,9 +31,14 @@ def layer_units(model: nn.Module) -> list[nn.Module]:
     return list(best)
 
 
-def shard(model: nn.Module, device: torch.device) -> dict[str, Any]:
-    """Apply ``fully_shard`` to every decoder layer, then to the whole model, in place.
+def shard(
+    model: nn.Module, body: nn.Module, head: nn.Module, device: torch.device
+) -> dict[str, Any]:
+    """``fully_shard`` every decoder layer of ``body``, then ``body`` itself, in place.
 
+    ``body`` is what the trainer calls (FSDP's hooks run on a unit's forward); the output head
+    is applied by the chunked loss straight from its weight, outside any forward, so its weight
+    (and the embedding, when tied to it) stays whole on every process, like the LoRA factors.
     Needs an initialised process group (torchrun). Returns what was done, for the run's report.
     """
     import torch.distributed as dist
@@ -48,16 +53,18 @@ def shard(model: nn.Module, device: torch.device) -> dict[str, Any]:
         )
     whole = local_base_bytes(model)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    lora = {p for p in model.parameters() if p.requires_grad}
-    units = layer_units(model)
+    keep = {p for p in model.parameters() if p.requires_grad} | set(head.parameters())
+    units = layer_units(body)
     for unit in units:
-        fully_shard(unit, mesh=mesh, ignored_params=lora)
-    fully_shard(model, mesh=mesh, ignored_params=lora)
+        fully_shard(unit, mesh=mesh, ignored_params=keep)
+    fully_shard(body, mesh=mesh, ignored_params=keep)
+    head_bytes = sum(p.numel() * p.element_size() for p in head.parameters() if not p.requires_grad)
     return {
         "units": len(units) + 1,
         "processes": dist.get_world_size(),
         "base_bytes": whole,
         "local_bytes": local_base_bytes(model),
+        "head_bytes": head_bytes,
     }
 
 
