@@ -398,3 +398,34 @@ def test_cli_int8_bf16_with_checkpointing_and_no_packing(
     assert bad.exit_code == 2 and "nf3" in bad.output
     lonely = CliRunner().invoke(cli, [*args, "--fsdp", "--force", *flags[6:]])
     assert lonely.exit_code == 2 and "--fsdp" in lonely.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_learns_the_facts_on_an_nf4_base(tmp_path: Path, smollm2_dir: Path) -> None:
+    """The demo's facts task (README's main job) with the base kept NF4: 12/12 greedy answers."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("main_job", root / "demo" / "main_job.py")
+    assert spec is not None and spec.loader is not None
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    facts = root / "fixtures" / "data" / "facts.jsonl"
+    questions = demo.questions(facts)[::3]  # one phrasing per fact
+    out = tmp_path / "facts.safetensors"
+    args = ["train", "--model", str(smollm2_dir), "--data", str(facts), "-o", str(out)]
+    r = CliRunner().invoke(cli, [*args, *demo.TRAIN_FLAGS, "--quantize", "nf4"])
+    assert r.exit_code == 0, r.output
+    adapter = load(out, verify=True)
+    assert adapter.provenance["training"]["quantization"]["scheme"] == "nf4"
+    # Asked on the quantised base it trained on (--onto-quantized's model) and on the original.
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    for quantized in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16)
+        if quantized:
+            quantize_model(model, "nf4")
+        lora.attach(model, adapter)
+        answers = demo.ask(model.eval(), tokenizer, questions)
+        assert sum(ok for _, ok in answers) == len(questions), (quantized, answers)
