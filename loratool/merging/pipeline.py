@@ -3,9 +3,11 @@
 Streaming: a reader thread ``pread``s the next targeted weights into reusable buffers (pinned on
 CUDA, where it also uploads them on its own stream); worker threads, each running single-threaded
 torch ops on its own tensor (on the CPU in cache-sized blocks of rows), compute and ``pwrite`` the
-result at its planned offset, or ``copy_file_range`` untouched tensors file to file. Memory is
-the runtime plus a few copies of the largest *targeted* weight (2 × workers + 1), whatever the
-size of the model or of its shards; nothing is memory-mapped.
+result at its planned offset (one writer at a time), or ``copy_file_range`` untouched tensors
+file to file. On the CPU a weight whose dtype stays is merged in place, over the buffer it was
+read into. Memory is the runtime plus a few copies of the largest *targeted* weight (workers + 1;
+2 × workers + 1 where the dtype changes or on CUDA), whatever the size of the model or of its
+shards; nothing is memory-mapped.
 """
 
 from __future__ import annotations
