@@ -79,7 +79,7 @@ def _loader(st: StFile, name: str, mapping: dict[str, Any], dtype: str) -> Any:
     def load(key: str) -> Any:
         from ..format import torch_dtype
 
-        part = key[len(name) + 1 :]
+        part = key.rsplit(".", 1)[1]  # part names have no dot; the target may be renamed
         src = mapping[part]
         x = src(st) if callable(src) else st.read(src)
         want = torch_dtype(dtype)

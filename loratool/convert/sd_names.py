@@ -22,6 +22,7 @@ on a fused weight is exactly one LoRA per part: the same A, B cut by rows).
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -63,7 +64,7 @@ FLUX_BFL: dict[str, tuple[str, ...]] = {
 _FLUX_BLOCKS = {"double_blocks": "transformer_blocks", "single_blocks": "single_transformer_blocks"}
 
 
-def pipeline_components(root: str | Path) -> dict[str, Path]:
+def pipeline_components(root: str | os.PathLike[str]) -> dict[str, Path]:
     """A diffusers pipeline folder's model components that hold weights, by name."""
     p = Path(root)
     names: Iterable[str] = COMPONENTS
@@ -78,7 +79,7 @@ def pipeline_components(root: str | Path) -> dict[str, Path]:
     return {n: p / n for n in names if (p / n / "config.json").is_file()}
 
 
-def is_pipeline(path: str | Path) -> bool:
+def is_pipeline(path: str | os.PathLike[str]) -> bool:
     p = Path(path)
     return p.is_dir() and (p / "model_index.json").is_file() and bool(pipeline_components(p))
 
