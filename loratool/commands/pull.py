@@ -25,6 +25,19 @@ from ..console import emit_json, info
 @click.option(
     "--endpoint", metavar="URL", help="Hub URL (default: $HF_ENDPOINT or huggingface.co)."
 )
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Give up a request after this long without a byte (default: $LORATOOL_HUB_TIMEOUT "
+    "or 30); failed downloads are retried a few times first.",
+)
+@click.option(
+    "--allow-pickle",
+    is_flag=True,
+    help="Read pickled weights (adapter_model.bin, kohya .pt/.ckpt) with the restricted "
+    "unpickler (tensors and plain containers only); the output is safetensors.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
 def command(
     repo: str,
@@ -33,6 +46,8 @@ def command(
     force: bool,
     token: str | None,
     endpoint: str | None,
+    timeout: float | None,
+    allow_pickle: bool,
     as_json: bool,
 ) -> None:
     """Download REPO_ID's adapter and write it in loratool's format, verified.
@@ -56,11 +71,15 @@ def command(
         endpoint=endpoint,
         force=force,
         progress=sys.stderr.isatty() and not as_json,
+        timeout=timeout,
+        allow_pickle=allow_pickle,
     )
     if as_json:
         emit_json(report.to_dict())
         return
     how = "verified" if not report.converted else f"converted from {report.source_format}"
+    if report.from_pickle:
+        how += " (a pickle, read with the restricted unpickler)"
     src = " (from the cache, offline)" if report.offline else ""
     info(
         f"pulled {report.repo_id}@{report.revision} (commit {report.commit[:10]}){src}: "

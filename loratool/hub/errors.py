@@ -255,10 +255,19 @@ RULES: tuple[Rule, ...] = (
         "check the repo id, revision and file name",
     ),
     Rule(
+        "httpx2:TooManyRedirects",
+        "redirect-loop",
+        "the server at {f.endpoint} redirected too many times trying to {f.action} {f.where} "
+        "(a redirect loop?)",
+        "check HF_ENDPOINT (or --endpoint) and any proxy: the Hub redirects a download once or "
+        "twice, never in a circle",
+    ),
+    Rule(
         "httpx2:TimeoutException",
         "network",
         "timed out trying to {f.action} {f.where} at {f.endpoint}",
-        _NETWORK_HINT,
+        _NETWORK_HINT + "; on a slow link raise the limit with --timeout SECONDS "
+        "(or LORATOOL_HUB_TIMEOUT)",
     ),
     Rule(
         "httpx2:TransportError",

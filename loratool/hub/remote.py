@@ -24,6 +24,7 @@ from .common import (
 )
 from .download import download_file
 from .errors import CallContext, hub_errors
+from .net import install, policy
 
 if TYPE_CHECKING:
     import torch
@@ -77,6 +78,7 @@ def open_remote_header(
     repo_id, revision, filename = parse_hf_uri(uri)
     rev = revision or "main"
     ep = resolve_endpoint(endpoint)
+    install(policy())  # every range request bounded by $LORATOOL_HUB_TIMEOUT
     api, ctx = connect(ep, token, repo_id, rev, filename, "read")
 
     if is_offline():
