@@ -119,9 +119,10 @@ class FusedLora(torch.autograd.Function):
 
     Autograd on the plain expression writes ``[tokens, out]`` twice in forward (base, then the sum)
     and ``[tokens, in]`` twice in backward; here the low-rank product is accumulated into the base
-    result by ``addmm_`` (BLAS beta=1) both ways. Saved for backward: the (dropped) input in the
-    compute dtype, the r-wide ``drop(x)·Aᵀ``, and with dropout its boolean mask — the one extra
-    tensor dropout costs (``nn.Dropout`` plus autograd would keep x, the mask and the dropped copy).
+    result by ``addmm_`` (BLAS beta=1) both ways. Saved for backward: the input in the compute
+    dtype (the caller's tensor, which q/k/v share; backward recomputes the dropped copy), the
+    r-wide ``drop(x)·Aᵀ``, and with dropout its boolean mask — the one extra tensor dropout costs
+    (``nn.Dropout`` plus autograd would keep x, the mask and the dropped copy).
     Matmuls run in the autocast dtype when autocast is on (bf16); gradients of A and B come back in
     the factors' dtype (fp32), as autocast would give them. Dropout follows ``nn.Dropout``:
     inverted scaling by 1/(1-p), a fresh Bernoulli mask per call from torch's generator.
@@ -155,15 +156,16 @@ class FusedLora(torch.autograd.Function):
                 xd = x2 * mask * (1.0 / (1.0 - p))
             h = xd @ a.t()
             y.addmm_(h, bs.t())
-        ctx.save_for_backward(xd, h, w, a, bs, mask)
+        # The undropped input, not ``xd``: x2 is the caller's tensor (q/k/v share one), xd a copy.
+        ctx.save_for_backward(x2, h, w, a, bs, mask)
         ctx.scale, ctx.transposed, ctx.x_dtype, ctx.p = scale, transposed, x.dtype, p
         ctx.factor_dtypes = (lora_A.dtype, lora_B.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> Any:
-        xd, h, w, a, bs, mask = ctx.saved_tensors
-        g = grad_y.reshape(-1, grad_y.shape[-1]).to(xd.dtype)
+        x2, h, w, a, bs, mask = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)
         gbs = g @ bs  # [T, r]
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -174,6 +176,7 @@ class FusedLora(torch.autograd.Function):
                 gx.add_((gbs @ a) * mask, alpha=1.0 / (1.0 - ctx.p))
             grad_x = gx.view(*grad_y.shape[:-1], gx.shape[-1]).to(ctx.x_dtype)
         if ctx.needs_input_grad[3]:
+            xd = x2 if mask is None else x2 * mask * (1.0 / (1.0 - ctx.p))  # as in forward
             grad_a = (gbs.t() @ xd).to(ctx.factor_dtypes[0])
         if ctx.needs_input_grad[4]:
             grad_b = ((g.t() @ h) * ctx.scale).to(ctx.factor_dtypes[1])
