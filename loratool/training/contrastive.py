@@ -1,4 +1,4 @@
-"""Contrastive learning's parts: InfoNCE with duplicate masking, pair batches, GradCache.
+"""Contrastive learning's parts: InfoNCE with duplicate masking, pair batches, GradCache, gather.
 
 ``info_nce`` is sentence-transformers' MultipleNegativesRankingLoss; ``cached_backward`` is
 gradient caching (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory
@@ -7,6 +7,15 @@ whole step are computed without a graph, the loss and its gradient with respect 
 taken on the full batch, then each micro-batch is re-run with its RNG state restored and
 back-propagates its slice of that gradient. The result equals one big batch (the pool of
 negatives does not shrink) at the memory cost of one micro-batch and one extra forward pass.
+
+Across processes (``torchrun``) each process embeds its share of the step's pairs and
+``gather_rows`` brings every process's embeddings to every process, so each scores its queries
+against all the step's candidates, as one process with the whole batch would. The gathered
+copies are constants; the process's own rows stay the live tensors. Every process then computes
+the same global loss L(e₁, …, e_W), and its backward yields ∂L/∂e_r · ∂e_r/∂θ for its own r
+only; summing the LoRA gradients over processes (``sum_gradients``) gives
+Σ_r ∂L/∂e_r · ∂e_r/∂θ = dL/dθ, the one-process gradient (the trick of sentence-transformers'
+``gather_across_devices`` and of OpenCLIP's ``gather_with_grad=False`` + ``local_loss=False``).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import torch.nn.functional as F
 
 from ..retrieval import Pair, SentenceConfig, similarity
 from .data import holdout as holdout_records
+from .runtime import Dist
 
 # A micro-batch of texts: (indices into the step's texts, the tokenizer's padded batch).
 Chunk = tuple[list[int], dict[str, torch.Tensor]]
@@ -144,3 +154,53 @@ def cached_backward(
         torch.sum(forward(batch) * grad).backward()
     set_rng(after, device)
     return loss.detach()
+
+
+# -- several processes ---------------------------------------------------------------------------
+
+
+def share(n: int, dist: Dist) -> slice:
+    """This process's contiguous part of a step's ``n`` rows (sizes differ by at most one).
+
+    Contiguous parts keep the gathered rows in the step's order, so the loss sums in the same
+    order as one process's and the duplicate mask is the one-process mask.
+    """
+    return slice(n * dist.rank // dist.world, n * (dist.rank + 1) // dist.world)
+
+
+def gather_rows(local: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """Every process's ``local`` [n_r, d] concatenated in rank order; only ours keeps its graph.
+
+    The row counts may differ (hard negatives per pair vary): they are exchanged first, the
+    rows padded to the largest count for ``all_gather`` and cut back after.
+    """
+    if dist.world == 1:
+        return local
+    import torch.distributed as D
+
+    count = torch.tensor([local.shape[0]], dtype=torch.int64, device=local.device)
+    counts = [torch.zeros_like(count) for _ in range(dist.world)]
+    D.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    most = max(sizes)
+    if most == 0:
+        return local
+    padded = local.new_zeros((most, *local.shape[1:]))
+    padded[: local.shape[0]] = local.detach()
+    parts = [torch.empty_like(padded) for _ in range(dist.world)]
+    D.all_gather(parts, padded)
+    pieces = [part[:size] for part, size in zip(parts, sizes, strict=True)]
+    pieces[dist.rank] = local  # the live rows: the gradient flows through these only
+    return torch.cat(pieces)
+
+
+def sum_gradients(params: Sequence[torch.nn.Parameter], dist: Dist) -> None:
+    """Sum the parameters' gradients over the processes, in one all-reduce (a few MB of LoRA)."""
+    if dist.world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = dist.sum_(torch.cat([g.reshape(-1) for g in grads]))
+    at = 0
+    for p in params:
+        p.grad = flat[at : at + p.numel()].view_as(p).clone()
+        at += p.numel()

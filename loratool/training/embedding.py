@@ -19,15 +19,16 @@ is computed in micro-batches of ``batch_size`` sentences with gradient caching, 
 big batch at the memory cost of one micro-batch and one extra forward pass.
 
 The frozen encoder stays fp32; under bf16 (``--dtype auto`` on AMX/AVX512-BF16 CPUs and CUDA) the
-matmuls run under autocast. One process only: in-batch negatives across processes would need
-an all-gather of embeddings, which this trainer does not do (it says so under torchrun).
+matmuls run under autocast. Under ``torchrun`` a step's ``batch_size × grad_accum × processes``
+pairs are split between the processes, whose embeddings are all-gathered (``contrastive``): each
+process sees every in-batch and hard negative of the step, and the summed gradients are those
+of one process with the whole batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, ClassVar
@@ -42,9 +43,26 @@ from ..errors import UsageError
 from . import data as D
 from . import state as S
 from .config import TrainConfig
-from .contrastive import Chunk, PairPlan, cached_backward, duplicates, holdout, info_nce
+from .contrastive import (
+    Chunk,
+    PairPlan,
+    cached_backward,
+    duplicates,
+    gather_rows,
+    holdout,
+    info_nce,
+    share,
+    sum_gradients,
+)
 from .events import OnEvent, StepStats, TrainEvent, TrainResult, write_line
-from .runtime import Dist, autocast, dtype_name, library_versions, resolve_device, resolve_dtype
+from .runtime import (
+    autocast,
+    dtype_name,
+    init_dist,
+    library_versions,
+    resolve_device,
+    resolve_dtype,
+)
 from .session import Session
 
 __all__ = [
@@ -95,7 +113,7 @@ class _EmbeddingTrainer(Session):
         on_event: OnEvent | None,
         should_stop: Callable[[], bool] | None,
     ) -> None:
-        super().__init__(config, on_event, should_stop, Dist())
+        super().__init__(config, on_event, should_stop, init_dist(config.device))
         self.temperature = temperature
         self.eval_result: tuple[float, R.RetrievalMetrics] | None = None
 
@@ -132,12 +150,18 @@ class _EmbeddingTrainer(Session):
         self._warn_truncated(self.pairs)
         self.setup_lora(self.encoder.model)
 
-        wanted = c.batch_size * c.grad_accum
+        world = self.dist.world
+        wanted = c.batch_size * c.grad_accum * world
+        if len(self.pairs) < world:
+            raise UsageError(
+                f"only {len(self.pairs)} pairs for {world} processes", code="bad-value"
+            )
         self.plan = PairPlan(len(self.pairs), wanted, c.seed)
         if self.plan.global_rows < wanted:
+            procs = " × processes" if world > 1 else ""
             self.warn(
                 f"only {len(self.pairs)} pairs: every step contrasts all of them "
-                f"(not --batch-size × --grad-accum = {wanted})"
+                f"(not --batch-size × --grad-accum{procs} = {wanted})"
             )
         self.set_length(self.plan.steps_per_epoch)
         self.meta = {
@@ -146,17 +170,19 @@ class _EmbeddingTrainer(Session):
             "eval_sha256": D.file_sha256(c.eval_data) if c.eval_data else None,
             "num_rows": len(self.pairs),
             "global_rows": self.plan.global_rows,
-            "world_size": 1,
+            "world_size": world,
             "hyperparameters": self.hyperparameters(),
             "dtype": dtype_name(self.dtype),
         }
 
     def start_message(self) -> str:
         negatives = sum(len(p.negatives) for p in self.pairs)
+        procs = f" over {self.dist.world} processes" if self.dist.world > 1 else ""
         return (
             f"{len(self.pairs)} pairs"
             + (f" with {negatives} hard negatives" if negatives else "")
-            + f", {self.plan.global_rows} pairs a step, {self.plan.steps_per_epoch} steps per "
+            + f", {self.plan.global_rows} pairs a step{procs}, {self.plan.steps_per_epoch} "
+            "steps per "
             f"epoch, {self.total} steps, ≤{self.seq_len} tokens a text, "
             f"{dtype_name(self.dtype)} on {self.device}"
         )
@@ -198,22 +224,29 @@ class _EmbeddingTrainer(Session):
             return self.encoder.embed(batch).float()
 
     def train_step(self) -> StepStats:
-        """One optimizer step on the step's pairs."""
+        """One optimizer step on the step's pairs (this process's share of them, all negatives)."""
         rows = [self.pairs[i] for i in self.plan.rows(self.step)]
-        queries = [r.query for r in rows]
+        # The whole step's candidates, as one process orders them: positives, then negatives.
         candidates = [r.positive for r in rows] + [n for r in rows for n in r.negatives]
-        texts = queries + candidates
         mask = duplicates(rows, candidates).to(self.device)
+        mine = rows[share(len(rows), self.dist)]
+        nq = len(mine)
+        texts = [r.query for r in mine] + [r.positive for r in mine]
+        texts += [n for r in mine for n in r.negatives]
         chunks = self._chunks(texts)
         n_tokens = sum(int(batch["attention_mask"].sum()) for _, batch in chunks)
+        if self.dist.world > 1:
+            n_tokens = int(self.reduce(torch.tensor([n_tokens], dtype=torch.float64))[0])
         where = torch.tensor([i for idx, _ in chunks for i in idx], device=self.device)
 
         def loss_of(embeddings: torch.Tensor) -> torch.Tensor:
-            # Rows back in text order: queries first, then candidates.
+            # Rows back in text order: queries, positives, negatives; then every process's.
             ordered = torch.empty_like(embeddings).index_copy(0, where, embeddings)
+            q, pos, neg = ordered[:nq], ordered[nq : 2 * nq], ordered[2 * nq :]
+            q, pos, neg = (gather_rows(t, self.dist) for t in (q, pos, neg))
             return info_nce(
-                ordered[: len(queries)],
-                ordered[len(queries) :],
+                q,
+                torch.cat([pos, neg]),
                 temperature=self.temperature,
                 config=self.encoder.config,
                 duplicate=mask,
@@ -224,6 +257,7 @@ class _EmbeddingTrainer(Session):
             loss.backward()
         else:
             loss = cached_backward(chunks, self._forward, loss_of, self.device)
+        sum_gradients(list(self.params.values()), self.dist)
         value = float(loss.detach())
         return StepStats(value, n_tokens, self.clip_and_step(value))
 
@@ -307,7 +341,7 @@ class _EmbeddingTrainer(Session):
             "final_loss": self.losses[-1] if self.losses else None,
             "tokens": self.tokens,
             "precision": dtype_name(self.dtype),
-            "processes": 1,
+            "processes": self.dist.world,
             "versions": library_versions(),
         }
         if self.eval_result is not None:
@@ -353,10 +387,12 @@ def train_embedding(
         temperature = DEFAULT_TEMPERATURE if given is None else float(given)
     if not (temperature > 0 and math.isfinite(temperature)):
         raise UsageError(f"--temperature must be positive, got {temperature}", code="bad-value")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError(
-            "--task embedding runs in one process",
-            code="unsupported",
-            hint="run it without torchrun; use --grad-accum for a bigger contrastive batch",
-        )
-    return _EmbeddingTrainer(config, temperature, on_event, should_stop).run()
+    trainer = _EmbeddingTrainer(config, temperature, on_event, should_stop)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.dist.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
