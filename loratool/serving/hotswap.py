@@ -8,12 +8,13 @@ weighted mix, or none active (``activate``), without reloading the model:
   pointer swap per module. A single adapter at weight 1 therefore computes exactly what
   ``attach`` computes. A mix is one layer per module with the factors stacked along the rank,
   ``A = [A₁; A₂]``, ``B = [w₁s₁B₁, w₂s₂B₂]`` at scale 1: the exact sum of the weighted deltas.
-* merged: ``W ← round(W + ΔW)`` with ``merging.apply_delta`` (ΔW from fp64 factors rounded once
-  to fp32, one rounding of the sum, as ``loratool merge`` does), which also computes what a later
-  ``round(W' − ΔW)`` gives and collects the elements where that is not W, with W's original bits
-  (the reversible merge's corrections, kept in memory: usually a few per million). Switching away
+* merged: ``W ← round(W + ΔW)`` in place (``inplace.merge_inplace``: ΔW = L·R formed once per
+  switch in fp32 from factors cached in fp32 on the weight's device at load, one rounding of the
+  sum), keeping the elements where ``round(W' − ΔW)`` is not W, with W's original bits (the
+  reversible merge's corrections, in memory: usually a few per million in fp32). Switching away
   subtracts the same ΔW and writes those elements back, so the base returns bit for bit
-  (``torch.equal`` on every weight), and costs no extra latency per token.
+  (``torch.equal`` on every weight), and costs no extra latency per token. Each direction is
+  about one pass over the targeted weights.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .. import constants as C
-from ..errors import CompatibilityError, UsageError
+from ..errors import UsageError
 from .adapters import check_fits, check_name
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
     from ..adapter import Adapter, Target
     from ..lora import LoraLayer
+    from .inplace import Corrections
 
 Mix = dict[str, float]
 
@@ -49,16 +51,17 @@ class SwitchReport:
 
 @dataclass
 class _Merged:
-    left: torch.Tensor  # fp64 [rows, Σr]
-    right: torch.Tensor  # fp64 [Σr, cols]
-    index: torch.Tensor | None  # flat indices where round(W' − ΔW) ≠ W
-    value: torch.Tensor | None  # W's original values there
+    left: torch.Tensor  # fp32 [rows, Σr]
+    right: torch.Tensor  # fp32 [Σr, cols]
+    fix: Corrections  # where round(W' − ΔW) ≠ W, and W's bits there
 
 
 @dataclass
 class _Loaded:
     adapter: Adapter
     layers: dict[str, LoraLayer] = field(default_factory=dict)  # unmerged only
+    # merged only: module -> (L, R) in fp32 on the weight's device, L @ R = s·ΔW as stored
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -110,7 +113,12 @@ class HotSwap:
                 module = self.model.get_submodule(t.name)
                 self._bases[t.name] = module.base if isinstance(module, LoraLayer) else module
         entry = _Loaded(adapter)
-        if not self.merged:
+        if self.merged:
+            for t in adapter.targets.values():
+                W = self._bases[t.name].weight
+                assert isinstance(W, torch.Tensor)
+                entry.factors[t.name] = _factors(t, W.device)
+        else:
             for t in adapter.targets.values():
                 layer = LoraLayer(
                     self._bases[t.name],
@@ -168,6 +176,25 @@ class HotSwap:
                 terms.setdefault(t.name, []).append((t, w))
         return terms
 
+    def _mixed_factors(self, mix: Mix) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """module -> (L, R) of the mix: the cached factors, weighted and stacked along the rank."""
+        import torch
+
+        parts: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = {}
+        for n, w in mix.items():
+            for module_name, (left, right) in self._loaded[n].factors.items():
+                parts.setdefault(module_name, []).append((left, right, w))
+        out = {}
+        for module_name, p in parts.items():
+            if len(p) == 1 and p[0][2] == 1.0:
+                out[module_name] = (p[0][0], p[0][1])  # the cached tensors, no copy
+            else:
+                out[module_name] = (
+                    torch.cat([left * w for left, _, w in p], 1),
+                    torch.cat([right for _, right, _ in p], 0),
+                )
+        return out
+
     def _switch_unmerged(self, mix: Mix) -> int:
         terms = self._terms(mix)
         single = next(iter(mix)) if len(mix) == 1 and next(iter(mix.values())) == 1.0 else None
@@ -188,79 +215,54 @@ class HotSwap:
     def _switch_merged(self, mix: Mix) -> tuple[int, int]:
         import torch
 
+        from .inplace import merge_inplace
+
         changed = len(self._merges)
         with torch.no_grad():
             for module_name in list(self._merges):
                 self._unmerge(module_name)
             done: list[str] = []
             try:
-                for module_name, terms in self._terms(mix).items():
-                    self._merge(module_name, terms)
+                for module_name, (left, right) in self._mixed_factors(mix).items():
+                    W = self._weight(module_name)
+                    fix = merge_inplace(W, left, right, where=module_name)
+                    self._merges[module_name] = _Merged(left, right, fix)
                     done.append(module_name)
             except BaseException:
                 for module_name in done:
                     self._unmerge(module_name)
                 self._active = {}
                 raise
-        kept = sum(0 if m.index is None else int(m.index.numel()) for m in self._merges.values())
+        kept = sum(m.fix.size for m in self._merges.values())
         return changed + len(done), kept
 
-    def _merge(self, module_name: str, terms: list[tuple[Target, float]]) -> None:
-        import math
-
+    def _weight(self, module_name: str) -> torch.Tensor:
         import torch
-
-        from ..merging import apply_delta
 
         W = self._bases[module_name].weight
         assert isinstance(W, torch.Tensor)
-        left, right = _factors(terms, W.device)
-        out = torch.empty_like(W)
-        res = apply_delta(W, left, right, out, roundtrip=True, collect=True)
-        if not all(math.isfinite(x) for x in res.sums):
-            raise CompatibilityError(
-                f"merging into '{module_name}' gives NaN or Inf",
-                code="non-finite-result",
-                hint="use the adapter unmerged, or a wider dtype",
-            )
-        W.copy_(out)
-        self._merges[module_name] = _Merged(left, right, res.index, res.value)
+        return W
 
     def _unmerge(self, module_name: str) -> None:
-        import torch
-
-        from ..merging import apply_delta
+        from .inplace import unmerge_inplace
 
         m = self._merges.pop(module_name)
-        W = self._bases[module_name].weight
-        assert isinstance(W, torch.Tensor)
-        out = torch.empty_like(W)
-        # round(W' + (−L)·R): negating the fp64 factor is exact, so this is round(W' − ΔW) with
-        # the ΔW the merge added, the operations whose misses the merge collected.
-        apply_delta(W, -m.left, m.right, out)
-        if m.index is not None and m.value is not None:
-            out.view(-1)[m.index.to(W.device)] = m.value.to(W.device)
-        W.copy_(out)
+        unmerge_inplace(self._weight(module_name), m.left, m.right, m.fix, where=module_name)
 
 
-def _factors(
-    terms: list[tuple[Target, float]], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """L, R in fp64 with ``L @ R`` the update of the weight as stored (as ``merging`` builds them)."""
+def _factors(t: Target, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """L, R in fp32 on ``device`` with ``L @ R`` the target's scaled update of the stored weight.
+
+    Scaled in fp64 and rounded once to fp32 (``Kind.stored_factors`` gives the orientation).
+    """
     import torch
 
-    left, right = [], []
-    for t, weight in terms:
-        a = t.lora_A.detach().to(device=device, dtype=torch.float64)
-        b = t.lora_B.detach().to(device=device, dtype=torch.float64)
-        coef = weight * t.scale
-        if t.kind == C.KIND_LINEAR:
-            left.append(b * coef)
-            right.append(a)
-        else:
-            left.append(a.t() * coef)
-            right.append(b.t())
-    return torch.cat(left, 1).contiguous(), torch.cat(right, 0).contiguous()
+    from .. import kinds
+
+    a = t.lora_A.detach().to(device=device, dtype=torch.float64)
+    b = t.lora_B.detach().to(device=device, dtype=torch.float64)
+    left, right = kinds.get(t.kind).stored_factors(a, b, t.scale)
+    return left.float().contiguous(), right.float().contiguous()
 
 
 def _stacked(base: nn.Module, terms: list[tuple[Target, float]]) -> LoraLayer:
