@@ -64,13 +64,24 @@ def packed_attention(
     b, h, t, d = query.shape
     gqa = key.shape[1] != h
     cpu = query.device.type == "cpu"
-    result = query.new_zeros(b, t, h, d)
+    # On CPUs the flash kernel's fixed costs dominate short documents: its backward takes ~2x
+    # the plain matmul-softmax-matmul below ~200 tokens (measured, bf16). Those documents go
+    # through ShortAttention together; the longer ones through SDPA's flash kernel.
+    short = tuple(
+        tuple((s, e) for s, e in row if cpu and e - s <= SHORT_DOCUMENT) for row in segments
+    )
+    lean = any(short) and dropout == 0.0 and torch.is_grad_enabled()
+    if lean:
+        scale = scaling if scaling is not None else d**-0.5
+        result = ShortAttention.apply(query, key, value, short, scale)
+    else:
+        result = query.new_zeros(b, t, h, d)
     for i, row in enumerate(segments):
         for start, end in row:
-            # On CPUs the flash kernel's fixed costs dominate short documents: its backward
-            # takes ~2x the plain matmul-softmax-matmul below ~200 tokens (measured, bf16).
-            short = cpu and end - start <= SHORT_DOCUMENT
-            with sdpa_kernel(SDPBackend.MATH) if short else contextlib.nullcontext():
+            is_short = cpu and end - start <= SHORT_DOCUMENT
+            if lean and is_short:
+                continue
+            with sdpa_kernel(SDPBackend.MATH) if is_short else contextlib.nullcontext():
                 o = F.scaled_dot_product_attention(
                     query[i : i + 1, :, start:end],
                     key[i : i + 1, :, start:end],
@@ -82,6 +93,79 @@ def packed_attention(
                 )
             result[i, start:end] = o[0].transpose(0, 1)
     return result, None
+
+
+class ShortAttention(torch.autograd.Function):
+    """Causal attention of each listed document, keeping only q, k and v for backward.
+
+    SDPA's math path on a CPU upcasts bf16 to fp32 and autograd keeps the fp32 copies and the
+    ``[heads, n, n]`` probabilities of every document: ~6 KB per token and layer at n≈190 on
+    SmolLM2. Here backward recomputes the probabilities (one ``q·kᵀ`` per document, ~3% of a
+    layer's matmuls at that length) as flash attention does. Scores and products run in the
+    input dtype (bf16 under autocast, fp32 accumulation inside the matmul); softmax and its
+    gradient run in fp32. Grouped key/value heads are expanded per document, and their
+    gradients summed back over the group. Output ``[B, T, H, D]``, zero outside the documents.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        spans: Segments,
+        scale: float,
+    ) -> torch.Tensor:
+        b, h, t, d = query.shape
+        out = query.new_zeros(b, t, h, d)
+        for i, row in enumerate(spans):
+            for start, end in row:
+                q, k, v = (x[i, :, start:end] for x in (query, key, value))
+                p = _probs(q, _expand(k, h), scale)
+                out[i, start:end] = (p.to(v.dtype) @ _expand(v, h)).transpose(0, 1)
+        ctx.save_for_backward(query, key, value)
+        ctx.spans, ctx.scale = spans, scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        query, key, value = ctx.saved_tensors
+        h, hkv = query.shape[1], key.shape[1]
+        gq, gk, gv = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        for i, row in enumerate(ctx.spans):
+            for start, end in row:
+                q, k, v = (x[i, :, start:end] for x in (query, key, value))
+                ke, ve = _expand(k, h), _expand(v, h)
+                p = _probs(q, ke, ctx.scale)  # [H, n, n], fp32
+                go = grad[i, start:end].transpose(0, 1).to(v.dtype)  # [H, n, D]
+                gve = p.to(v.dtype).transpose(1, 2) @ go
+                dp = (go @ ve.transpose(1, 2)).to(p.dtype)
+                # softmax backward: ds = p ⊙ (dp − Σ_j p·dp), in fp32 (or wider)
+                ds = (p * (dp - (p * dp).sum(-1, keepdim=True))).to(q.dtype)
+                gq[i, :, start:end] = (ds @ ke) * ctx.scale
+                gke = (ds.transpose(1, 2) @ q) * ctx.scale
+                gk[i, :, start:end] = _reduce(gke, hkv)
+                gv[i, :, start:end] = _reduce(gve, hkv)
+        return gq, gk, gv, None, None
+
+
+def _expand(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[Hkv, n, D]`` -> ``[H, n, D]``: query head j reads key/value head j // (H/Hkv)."""
+    return x if x.shape[0] == heads else x.repeat_interleave(heads // x.shape[0], dim=0)
+
+
+def _reduce(g: torch.Tensor, hkv: int) -> torch.Tensor:
+    """The gradient of ``_expand``: sum each group of query heads back onto its kv head."""
+    h, n, d = g.shape
+    return g if h == hkv else g.view(hkv, h // hkv, n, d).sum(1)
+
+
+def _probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal softmax of ``q·kᵀ·scale`` in fp32 (fp64 for fp64 inputs), ``[H, n, n]``."""
+    n = q.shape[1]
+    s = (q @ k.transpose(1, 2)).to(torch.promote_types(q.dtype, torch.float32)) * scale
+    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+    return torch.softmax(s.masked_fill(future, float("-inf")), dim=-1)
 
 
 def _packed_mask(*args: Any, **kwargs: Any) -> Any:
