@@ -9,7 +9,8 @@ ranked above it), so an encoder that maps everything to one vector scores badly,
 
 The parts: ``pairs`` (the jsonl data), ``sentence`` (pooling, normalisation, similarity),
 ``encoder`` (loading and batched encoding), ``adapt`` (an adapter applied in memory),
-``metrics`` (ranks, recall@k, MRR), ``report`` (``eval-retrieval``'s before/after) and ``jsonl``
+``metrics`` (ranks, recall@k, MRR), ``report`` (``eval-retrieval``'s before/after), ``mine``
+(hard negatives ranked by an encoder, for ``mine-negatives``) and ``jsonl``
 (the line reader and ``BadDataError``, shared with the trainer, which imports this package).
 torch and transformers are imported inside the functions that need them.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 from .adapt import apply_adapter
 from .encoder import Encoder, Progress, encode, load_encoder
 from .metrics import KS, RetrievalMetrics, evaluate, metrics_from_ranks, ranks_of
+from .mine import MiningReport, mine_negatives
 from .pairs import PAIRS_HINT, Pair, corpus_of, read_pairs
 from .report import RetrievalReport, evaluate_retrieval
 from .sentence import (
@@ -38,6 +40,7 @@ __all__ = [
     "SIMILARITIES",
     "SUPPORTED_POOLING",
     "Encoder",
+    "MiningReport",
     "Pair",
     "Progress",
     "RetrievalMetrics",
@@ -50,6 +53,7 @@ __all__ = [
     "evaluate_retrieval",
     "load_encoder",
     "metrics_from_ranks",
+    "mine_negatives",
     "pool",
     "ranks_of",
     "read_pairs",
