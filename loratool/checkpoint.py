@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import kinds
 from .adapter import Adapter, fingerprint
 from .errors import CompatibilityError, FormatError
 from .format import TensorInfo, is_pickle, parse_container, read_head
@@ -210,6 +211,9 @@ class Checkpoint:
                     where=str(self.path),
                     hint="is this the base model the adapter was trained on?",
                 )
+            fit = getattr(kinds.get(t.kind), "fit_shape", None)  # LoHa/LoKr convs: the kernel
+            if fit is not None:
+                fit(t, tuple(self.shape(key)))
             if tuple(self.shape(key)) != tuple(t.weight_shape):
                 raise CompatibilityError(
                     f"target '{t.name}' expects weight shape {list(t.weight_shape)} but '{key}' is {list(self.shape(key))}",

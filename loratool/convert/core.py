@@ -355,6 +355,14 @@ def convert(
         from ..format import save
 
         save(adapter, out, force=force)
+    elif (
+        to == "peft"
+        and adapter.targets
+        and all(t.kind in ("loha", "lokr") for t in adapter.targets.values())
+    ):
+        from .peft_lycoris import write_peft_lycoris
+
+        write_peft_lycoris(adapter, out, force=force)
     elif to == "peft":
         from .peft_write import write_peft
 

@@ -154,6 +154,10 @@ def read_peft_folder(folder: Path, hub: Mapping[str, str] | None = None) -> tupl
             "so the scale is unknown without it)",
         )
     raw = read_json(config_path, what=CONFIG_NAME)
+    if isinstance(raw, dict) and raw.get("peft_type") in ("LOHA", "LOKR"):
+        from .peft_lycoris import read_peft_lycoris
+
+        return read_peft_lycoris(folder, raw, hub or {})
     cfg = check_config(raw, str(config_path))
     weights = _weights_path(folder)
     st = open_st(weights)

@@ -87,6 +87,28 @@ class _Product(Kind):
             out[KERNEL] = list(self.kernel(t))
         return out
 
+    def fit_shape(self, t: Target, shape: tuple[int, ...]) -> None:
+        """Take a conv's kernel from the base weight when the file could not say it.
+
+        Non-Tucker LoHa/LoKr on a Conv2d store ``[r, in·kh·kw]`` factors (PEFT and LyCORIS
+        alike), so a reader sees a fan-in, not a kernel: a base weight ``[out, in, kh, kw]``
+        with the same out and ``in·kh·kw`` settles it (Checkpoint.check_fits calls this).
+        """
+        if self.kernel(t) or len(shape) != 4 or shape[0] != t.out_features:
+            return
+        if shape[1] * shape[2] * shape[3] != t.in_features:
+            return
+        fields = dict(t.fields)
+        fields[KERNEL] = (int(shape[2]), int(shape[3]))
+        if LOKR_FIELD in fields:
+            lk = dict(fields[LOKR_FIELD])
+            if lk["d"] % (shape[2] * shape[3]):
+                return
+            lk["d"] //= shape[2] * shape[3]
+            fields[LOKR_FIELD] = lk
+        t.fields = fields
+        t.in_features = int(shape[1])
+
     def needs_dense(self, t: Target) -> bool:
         return True
 
@@ -228,4 +250,5 @@ class LoKr(_Product):
             w2 = (get("lokr_w2_a") @ get("lokr_w2_b")).reshape(f["b"], f["d"], *k)
         for _ in range(w2.dim() - w1.dim()):
             w1 = w1.unsqueeze(-1)  # kron over the kernel dims: w1 is constant across them
-        return (torch.kron(w1, w2) * t.scale).reshape(self.bound(t)[1])
+        # torch.kron views its inputs: an einsum result (Tucker) must be made contiguous first.
+        return (torch.kron(w1.contiguous(), w2.contiguous()) * t.scale).reshape(self.bound(t)[1])
