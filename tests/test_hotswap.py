@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from loratool import Adapter, CompatibilityError, UsageError, lora
 from loratool.serving.hotswap import HotSwap
+from loratool.serving.inplace import RestoreError, int_view, merge_inplace, unmerge_inplace
 
 
 def _model(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -174,3 +175,63 @@ def test_a_fingerprint_that_differs_is_refused(tiny_llama_dir: Path) -> None:
     with pytest.raises(CompatibilityError) as e:
         swap.load("a", a)
     assert e.value.code == "fingerprint-mismatch"
+
+
+def test_switching_between_mixes_without_the_base_in_between(tiny_llama_dir: Path) -> None:
+    a = random_adapter(tiny_llama_dir, seed=11)
+    b = random_adapter(tiny_llama_dir, seed=12, rank=2, targets="q_proj,v_proj,down_proj")
+    model = _model(tiny_llama_dir, torch.bfloat16)
+    base = _snapshot(model)
+    ref = HotSwap(_model(tiny_llama_dir, torch.bfloat16), merged=True)
+    swap = HotSwap(model, merged=True)
+    for s in (swap, ref):
+        s.load("a", a)
+        s.load("b", b)
+    for spec in [{"a": 0.5, "b": -1.0}, "a", {"a": 2.0}, {"b": 0.25, "a": 0.75}, "b"]:
+        swap.activate(spec)  # straight from the previous mix: unmerge it, merge this one
+        ref.activate(None)
+        ref.activate(spec)  # the same mix merged onto the pristine base
+        _assert_bitwise(swap.model, _snapshot(ref.model))
+    swap.activate(None)
+    _assert_bitwise(model, base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_inplace_round_trip_is_exact_over_many_blocks(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    W = (torch.randn(700, 1000, generator=g) * 0.05).to(dtype)  # several CPU blocks of rows
+    W[3] = -0.0  # −0 + 0 rounds to +0: the bit compare must catch it
+    left = torch.randn(700, 8, generator=g) * 0.1
+    left[3] = 0.0
+    right = torch.randn(8, 1000, generator=g) * 0.1
+    want_merged = (
+        W.to(torch.float64 if dtype == torch.float64 else torch.float32) + (left @ right)
+    ).to(dtype)
+    orig = W.clone()
+    fix = merge_inplace(W, left, right, where="w")
+    assert torch.equal(W, want_merged)
+    assert fix.size > 0 and len(fix.counts) > 1
+    unmerge_inplace(W, left, right, fix, where="w")
+    assert torch.equal(W.view(int_view(dtype)), orig.view(int_view(dtype)))
+
+
+def test_inplace_refuses_a_non_finite_result_and_leaves_the_weight_alone() -> None:
+    W = torch.randn(700, 1000).to(torch.bfloat16)
+    orig = W.clone()
+    left = torch.full((700, 1), 1e-3)
+    left[650] = 3e38  # only a late block overflows: the blocks already merged are undone
+    right = torch.full((1, 1000), 1e3)
+    with pytest.raises(CompatibilityError) as e:
+        merge_inplace(W, left, right, where="w")
+    assert e.value.code == "non-finite-result"
+    assert torch.equal(W.view(torch.int16), orig.view(torch.int16))
+
+
+def test_a_base_changed_behind_the_swaps_back_is_detected() -> None:
+    W = torch.randn(300, 400)
+    left, right = torch.randn(300, 4), torch.randn(4, 400)
+    fix = merge_inplace(W, left, right, where="w")
+    at = next(i for i in range(W.numel()) if i not in set(fix.index.tolist()))
+    W.view(-1)[at] += 1.0  # someone wrote into the merged weight, where no correction lies
+    with pytest.raises(RestoreError):
+        unmerge_inplace(W, left, right, fix, where="w")
