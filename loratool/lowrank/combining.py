@@ -13,6 +13,7 @@ from ..errors import CompatibilityError, UsageError
 from .core import CoreJob, factors32, solve
 from .report import LowRankReport, report_row, source_entry
 from .rules import RuleArgs, check_rule_keys, make_rule
+from .shapes import fan_in, lora_like
 
 
 def _widest_dtype(names: Iterable[str]) -> str:
@@ -53,8 +54,12 @@ def combine(
             hint="give --weight once per adapter, in the same order, or not at all (all 1)",
         )
     ws = [float(w) for w in weights]
-    for each in adapters:  # spec 1.1 parts: refused, never dropped
-        kinds.check_plain(each.targets.values(), "combine")
+    for each in adapters:  # spec 1.1 parts: refused, never dropped (plain conv2d is exact)
+        plain_conv = (C.KIND_CONV2D,)
+        kinds.check_plain(
+            [t for t in each.targets.values() if t.kind not in plain_conv or t.features],
+            "combine",
+        )
     if not all(math.isfinite(w) for w in ws):
         raise UsageError("weights must be finite numbers", code="weights")
 
@@ -69,10 +74,11 @@ def combine(
         parts = [(i, ws[i], a.targets[name]) for i, a in enumerate(adapters) if name in a.targets]
         first = parts[0][2]
         for i, _, t in parts[1:]:
-            if (t.kind, t.in_features, t.out_features) != (
+            if (t.kind, t.in_features, t.out_features, t.fields) != (
                 first.kind,
                 first.in_features,
                 first.out_features,
+                first.fields,
             ):
                 raise CompatibilityError(
                     f"target '{name}' is {first.kind} {first.out_features}×{first.in_features} in "
@@ -98,7 +104,7 @@ def combine(
     for job in jobs:
         first, total_rank, dtype, inputs = info[job.name]
         r = solved[job.name]
-        m, n = first.out_features, first.in_features
+        m, n = first.out_features, fan_in(first)
         method = "qr-core"
         A_out, B_out, k = r.A, r.B, r.k
         if rule is None and not r.zero and total_rank <= min(m, n):
@@ -109,8 +115,8 @@ def combine(
                 "concat",
             )  # exact as is: no SVD rounding
         dt = torch_dtype(dtype)
-        new[job.name] = Target.from_factors(
-            job.name, A_out.to(dt), B_out.to(dt), alpha=float(k), kind=first.kind
+        new[job.name] = lora_like(
+            first, A_out, B_out, alpha=float(k), scale_rule=C.SCALE_STANDARD, dtype=dt
         )
         params_before = sum(adapters[i].targets[job.name].num_params for i in inputs)
         bytes_before = sum(

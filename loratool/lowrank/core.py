@@ -97,7 +97,14 @@ def spectrum(target: Target) -> Spectrum:
     """Exact singular values of ``scale · B @ A`` via the QR core, in fp64."""
     import torch
 
-    _, s, _ = factor_svd(target.lora_B, target.lora_A, target.scale, dtype=torch.float64)
+    from .shapes import dense_factors, matrix_factors
+
+    if target.lowrank:
+        a, b = matrix_factors(target)  # conv kernels flattened
+        _, s, _ = factor_svd(b, a, target.scale, dtype=torch.float64)
+    else:  # LoHa/LoKr: the SVD of their dense ΔW
+        a, b = dense_factors(target)
+        _, s, _ = factor_svd(b, a, 1.0, dtype=torch.float64)
     return Spectrum([float(x) for x in s])
 
 
@@ -216,8 +223,10 @@ def factors32(t: Target, where: str | None) -> tuple[torch.Tensor, torch.Tensor]
     """A target's (A, B) in fp32, refusing non-finite values and shapes that disagree."""
     import torch
 
-    a, b = t.lora_A, t.lora_B
-    if tuple(a.shape) != (t.rank, t.in_features) or tuple(b.shape) != (t.out_features, t.rank):
+    from .shapes import fan_in, matrix_factors
+
+    a, b = matrix_factors(t)  # a Conv2d LoRA's kernel flattened: A [r, in·kh·kw]
+    if tuple(a.shape) != (t.rank, fan_in(t)) or tuple(b.shape) != (t.out_features, t.rank):
         raise FormatError(
             f"target '{t.name}': lora_A {list(a.shape)} / lora_B {list(b.shape)} do not match "
             f"rank {t.rank}, in {t.in_features}, out {t.out_features}",

@@ -10,6 +10,12 @@ from ..adapter import Adapter, Target, alpha_for
 from .core import CoreJob, factors32, solve
 from .report import LowRankReport, report_row, source_entry, with_operation
 from .rules import RuleArgs, check_rule_keys, make_rule
+from .shapes import DENSE_KINDS, dense_factors, lora_like
+
+
+def _image(t: Target) -> bool:
+    """Targets reduce-rank handles beyond 1.0's: plain conv2d, LoHa and LoKr."""
+    return (t.kind == C.KIND_CONV2D and not t.features) or t.kind in DENSE_KINDS
 
 
 def reduce_rank(
@@ -30,9 +36,15 @@ def reduce_rank(
     from ..format import iter_targets, torch_dtype
 
     targets = list(iter_targets(adapter))
-    kinds.check_plain(targets, "reduce-rank")  # spec 1.1 parts: refused, never dropped
+    # spec 1.1 parts are refused, never dropped; plain conv2d is exact through its factors and
+    # LoHa/LoKr become LoRA of the same ΔW (lowrank/shapes.py)
+    kinds.check_plain([t for t in targets if not _image(t)], "reduce-rank")
     jobs = []
     for t in targets:
+        if t.kind in DENSE_KINDS:
+            a, b = dense_factors(t)
+            jobs.append(CoreJob(t.name, b, a, 1.0, 1.0, float(b.norm()) * float(a.norm())))
+            continue
         a, b = factors32(t, adapter.path)
         s = t.scale
         jobs.append(CoreJob(t.name, b, a, s, s, abs(s) * float(b.norm()) * float(a.norm())))
@@ -43,13 +55,14 @@ def reduce_rank(
     for t in targets:
         r = solved[t.name]
         dt = torch_dtype(t.dtype)
-        new[t.name] = Target.from_factors(
-            t.name,
-            r.A.to(dt),
-            r.B.to(dt),
-            alpha=alpha_for(t.scale, r.k, t.scale_rule),
-            scale_rule=t.scale_rule,
-            kind=t.kind,
+        dense = t.kind in DENSE_KINDS  # a LoRA of the same ΔW: scale 1, alpha = k
+        new[t.name] = lora_like(
+            t,
+            r.A,
+            r.B,
+            alpha=float(r.k) if dense else alpha_for(t.scale, r.k, t.scale_rule),
+            scale_rule=C.SCALE_STANDARD if dense else t.scale_rule,
+            dtype=dt,
         )
         size = C.DTYPE_SIZES[t.dtype]
         report.targets.append(
@@ -64,7 +77,7 @@ def reduce_rank(
                 bytes_out=size,
                 params_before=t.num_params,
                 zero=r.zero,
-                method="qr-core",
+                method="dense-svd" if t.kind in DENSE_KINDS else "qr-core",
             )
         )
         if r.zero:
