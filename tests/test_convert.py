@@ -305,8 +305,8 @@ def _mutate(case: str, config: dict[str, Any], tensors: dict[str, torch.Tensor])
             **tensors,
             "base_model.model.lm_head.weight": torch.randn(512, 64),
         }
-    if case == "lora-bias":
-        return {**config, "bias": "all"}, {
+    if case == "lora-bias":  # bias tensors PEFT ignores (bias="none"); spec 1.1 reads "all"
+        return {**config, "bias": "none"}, {
             **tensors,
             "base_model.model.model.norm.bias": torch.zeros(64),
         }

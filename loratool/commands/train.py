@@ -58,6 +58,28 @@ def _warmup(value: str) -> float:
 @click.option("--alpha", type=float, help="LoRA alpha; scale = alpha/r [2 × rank].")
 @click.option("--dropout", type=float, help="Dropout on the LoRA input [0].")
 @click.option("--rslora", is_flag=True, default=None, help="Scale by alpha/√r (rsLoRA).")
+@click.option(
+    "--dora",
+    is_flag=True,
+    default=None,
+    help="DoRA: train a magnitude per output row too (PEFT use_dora; Linear/Conv1D targets).",
+)
+@click.option(
+    "--bias",
+    type=click.Choice(["none", "lora_only", "all"]),
+    help="Biases that train too (PEFT bias): the adapted modules' (lora_only), or every "
+    "one (all); stored as differences from the base's [none].",
+)
+@click.option(
+    "--modules-to-save",
+    help="Modules trained whole and saved in the adapter (PEFT modules_to_save): "
+    "comma-separated name suffixes, e.g. lm_head or score.",
+)
+@click.option(
+    "--trainable-tokens",
+    help="Token ids whose input-embedding rows train (PEFT trainable_token_indices), "
+    "comma-separated; a tied output head follows.",
+)
 @click.option("--lr", type=float, help="Peak learning rate of AdamW [2e-4].")
 @click.option("--weight-decay", type=float, help="AdamW weight decay [0].")
 @click.option("--max-grad-norm", type=float, help="Gradient clipping norm, 0 for none [1.0].")

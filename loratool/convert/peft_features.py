@@ -10,8 +10,10 @@ PEFT 0.21 saves, beside ``lora_A``/``lora_B`` (keys after ``base_model.model.``)
   ``tokens`` target (the rows' new values; PEFT ``index_copy``s them). The vocabulary is not in
   the file: the target stays pending until ``complete`` binds it to a base (convert --base).
 
-Trained base biases (``bias="all"``/``"lora_only"``) stay refused here: the spec stores them as
-deltas (§3.5), which needs the base's biases; see ``peft_keys.refuse_extras``.
+* trained base biases (``bias="lora_only"``/``"all"``): PEFT saves their values, ``M.base_layer.bias``
+  for a LoRA module (feature ``bias``) and ``M.bias`` for any other (kind ``bias``). The spec
+  stores the difference from the base's bias (§3.5), so these too stay pending until ``complete``
+  subtracts the base's; writing them back adds it again (``BASE_BIAS``, kept from the base).
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ PEFT_MAGNITUDE = ".lora_magnitude_vector"
 PEFT_LORA_BIAS = ".lora_B.bias"
 PEFT_TOKENS = ".token_adapter.trainable_tokens_delta"
 PENDING = "pending"  # Target.fields key: why the target cannot be written yet (needs a base)
+BIAS_VALUES = "bias_values"  # Target.fields key: the bias_delta part holds PEFT's values
+BASE_BIAS = "base_bias"  # Target.fields key: the base's bias, for writing PEFT's values
+PEFT_BASE_BIAS = ".base_layer.bias"
+BIAS_PENDING = "PEFT stores trained bias values, the spec their difference from the base's: convert with --base"
 
 
 @dataclass
@@ -45,6 +51,7 @@ class Extras:
     lora_bias: dict[str, str] = field(default_factory=dict)
     tokens: dict[str, str] = field(default_factory=dict)
     saved: dict[str, dict[str, str]] = field(default_factory=dict)  # module -> part -> key
+    biases: dict[str, str] = field(default_factory=dict)  # module -> key of its trained bias
 
 
 def _module(key: str, suffix: str) -> str:
@@ -82,6 +89,11 @@ def take_extras(g: KeyGroups, cfg: Mapping[str, Any] | None) -> Extras:
                 if key.endswith("." + part) and _matches(_module(key, "." + part), saved):
                     ex.saved.setdefault(_module(key, "." + part), {})[part] = key
                     bucket.remove(key)
+    if (cfg or {}).get("bias") in ("all", "lora_only"):
+        for key in list(g.bias):
+            cut = PEFT_BASE_BIAS if key.endswith(PEFT_BASE_BIAS) else ".bias"
+            ex.biases[_module(key, cut)] = key
+            g.bias.remove(key)
     return ex
 
 
@@ -140,6 +152,28 @@ def attach(
         if module in ex.lora_bias:
             parts[C.PART_LORA_BIAS] = _read(st, ex.lora_bias[module], t.dtype)
         out[module] = t.replace(features=[*t.features, *_features(parts)], tensors=parts)
+    for module, key in sorted(ex.biases.items()):
+        values = st.read(key)
+        t = out.get(module)
+        if t is not None and t.lowrank:
+            if values.shape != (t.out_features,):
+                raise FormatError(
+                    f"'{key}' has shape {list(values.shape)}, not [{t.out_features}]",
+                    code="shape-mismatch",
+                    where=where,
+                )
+            t = t.replace(
+                features=[*t.features, C.FEATURE_BIAS],
+                tensors={C.PART_BIAS_DELTA: values.to(t.part(C.PART_A).dtype)},
+            )
+        else:
+            if values.dim() != 1:
+                raise FormatError(
+                    f"'{key}' is not a bias vector", code="shape-mismatch", where=where
+                )
+            t = Target.whole(module, C.KIND_BIAS, {C.PART_BIAS_DELTA: values})
+        t.fields.update({PENDING: BIAS_PENDING, BIAS_VALUES: True})
+        out[module] = t
     for module, keys in sorted(ex.saved.items()):
         tensors = {p: st.read(k) for p, k in keys.items()}
         _one_dtype(tensors)
@@ -190,6 +224,11 @@ def _one_dtype(tensors: dict[str, torch.Tensor]) -> None:
 def complete(adapter: Adapter, ckpt: Checkpoint) -> list[str]:
     """Fill in what only the base knows (a tokens target's vocabulary); notes for the report."""
     notes = []
+    biased = [t for t in adapter.targets.values() if C.PART_BIAS_DELTA in t.parts()]
+    for t in biased:
+        _bind_bias(t, ckpt)
+    if any(t.fields.pop(BIAS_VALUES, False) for t in biased):
+        notes.append("trained bias values turned into differences from the base's biases")
     for t in adapter.targets.values():
         if t.kind != C.KIND_TOKENS or PENDING not in t.fields:
             continue
@@ -204,6 +243,25 @@ def complete(adapter: Adapter, ckpt: Checkpoint) -> list[str]:
         del t.fields[PENDING]
         notes.append(f"'{t.name}': vocabulary {t.in_features} taken from the base")
     return notes
+
+
+def _bind_bias(t: Target, ckpt: Checkpoint) -> None:
+    """Keep the base's bias on the target; PEFT values become the spec's differences."""
+    import torch
+
+    key = ckpt.resolve(t.name, ".bias")
+    if key is None or ckpt.shape(key) != (t.out_features,):
+        raise FormatError(
+            f"'{t.name}' trains a bias but the base has no [{t.out_features}] '{t.name}.bias'",
+            code="missing-module",
+            where=str(ckpt.path),
+        )
+    base = ckpt.read(key).to(torch.float64)
+    t.fields[BASE_BIAS] = base
+    if t.fields.get(BIAS_VALUES):
+        values = t.part(C.PART_BIAS_DELTA)
+        t._parts[C.PART_BIAS_DELTA] = (values.to(torch.float64) - base).to(values.dtype)
+        t.fields.pop(PENDING, None)
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -228,6 +286,10 @@ def config_extras(adapter: Adapter, cfg: dict[str, Any]) -> None:
         why = _peft_refusal(t)
         if why:
             raise FormatError(f"target '{t.name}': {why}", code="unsupported-feature")
+    if any(t.kind == C.KIND_BIAS for t in ts):
+        cfg["bias"] = "all"
+    elif any(C.FEATURE_BIAS in t.features for t in ts):
+        cfg["bias"] = "lora_only"
     saved = sorted(t.name for t in ts if t.kind == C.KIND_FULL)
     if saved:
         cfg["modules_to_save"] = saved
@@ -237,11 +299,24 @@ def config_extras(adapter: Adapter, cfg: dict[str, Any]) -> None:
 
 
 def _peft_refusal(t: Target) -> str | None:
-    if C.FEATURE_BIAS in t.features or t.kind == C.KIND_BIAS:
-        return "bias deltas become PEFT's trained bias values only with the base's biases (not yet)"
+    if C.PART_BIAS_DELTA in t.parts() and not ({BASE_BIAS, BIAS_VALUES} & set(t.fields)):
+        return (
+            "PEFT stores trained bias values, the base's bias plus the delta: convert with --base"
+        )
     if t.kind == C.KIND_FULL and t.fields.get("base_rows") is not None:
         return "a grown vocabulary: PEFT needs the base resized first (not yet)"
     return None
+
+
+def _bias_values(t: Target) -> torch.Tensor:
+    """PEFT's trained bias: the base's plus the delta, summed in fp64, one rounding."""
+    import torch
+
+    d = t.part(C.PART_BIAS_DELTA)
+    if t.fields.get(BIAS_VALUES):
+        return d
+    base = t.fields[BASE_BIAS]
+    return (base.to(torch.float64) + d.to(torch.float64)).to(d.dtype)
 
 
 def peft_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
@@ -253,6 +328,8 @@ def peft_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
             out[p + PEFT_MAGNITUDE] = t.part(C.PART_MAGNITUDE)
         if C.FEATURE_LORA_BIAS in t.features:
             out[p + PEFT_LORA_BIAS] = t.part(C.PART_LORA_BIAS)
+        if C.PART_BIAS_DELTA in t.parts():
+            out[p + (PEFT_BASE_BIAS if t.lowrank else ".bias")] = _bias_values(t)
         if t.kind == C.KIND_FULL:
             for part in t.parts():
                 out[f"{p}.{part}"] = t.part(part)

@@ -12,9 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import constants as C
 from ..adapter import Adapter, Target
 from ..errors import UsageError
-from .injection import lora_layers, set_module
+from .extras import SAVED_FLAG, BiasShift, TiedRows, TokenRows, saved_original
+from .injection import set_module
+from .layer import LoraLayer
 
 SOURCE_FILE = "loratool_source.json"  # written beside a model's weights: {"hub_id": ..., ...}
 
@@ -55,33 +58,98 @@ def extract_adapter(
     if hub_id is None:
         config = getattr(model, "config", None)
         hub_id = hub_id_for(getattr(config, "_name_or_path", None))
-    targets = [
-        Target.from_factors(
-            name,
-            layer.lora_A.detach().to("cpu", dtype).contiguous(),
-            layer.lora_B.detach().to("cpu", dtype).contiguous(),
-            alpha=layer.alpha,
-            scale_rule=layer.scale_rule,
-            kind=layer.kind,
-        )
-        for name, layer in lora_layers(model)
-    ]
+    targets = extract_targets(model, dtype)
     if not targets:
         raise UsageError("the model has no LoRA layers", code="no-targets", hint="call inject()")
     return Adapter.from_targets(targets, hub_id=hub_id, revision=revision, provenance=provenance)
 
 
+def _cpu(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.detach().to("cpu", dtype).contiguous()
+
+
+def extract_targets(model: nn.Module, dtype: torch.dtype = torch.float32) -> list[Target]:
+    """Every trained part as a target, in model order: LoRA layers with their §3.5 features,
+    and the §3.6 kinds (``bias``, ``full``, ``tokens``) the injection options added."""
+    out: list[Target] = []
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLayer):
+            parts = {
+                part: _cpu(p, dtype)
+                for part in (C.PART_MAGNITUDE, C.PART_BIAS_DELTA)
+                if (p := getattr(m, part)) is not None
+            }
+            out.append(
+                Target.from_factors(
+                    name,
+                    _cpu(m.lora_A, dtype),
+                    _cpu(m.lora_B, dtype),
+                    alpha=m.alpha,
+                    scale_rule=m.scale_rule,
+                    kind=m.kind,
+                    tensors=parts,
+                )
+            )
+        elif isinstance(m, BiasShift):
+            out.append(
+                Target.whole(name, C.KIND_BIAS, {C.PART_BIAS_DELTA: _cpu(m.bias_delta, dtype)})
+            )
+        elif isinstance(m, TokenRows):
+            out.append(
+                Target.whole(
+                    name,
+                    C.KIND_TOKENS,
+                    {C.PART_TOKEN_VALUES: _cpu(m.token_values, dtype)},
+                    indices=m.indices.tolist(),
+                    base_rows=m.base.num_embeddings,
+                )
+            )
+        elif saved_original(m) is not None:
+            own = {k: _cpu(p, dtype) for k, p in m.named_parameters(recurse=False)}
+            out.append(Target.whole(name, C.KIND_FULL, own))
+    return out
+
+
+def _module(m: object) -> nn.Module:
+    assert isinstance(m, nn.Module)
+    return m
+
+
 def remove(model: nn.Module, *, merge: bool = False) -> int:
     """Put the base modules back in place of the LoRA layers; with ``merge``, add ΔW first.
 
-    The merge adds ``s·B@A`` computed in fp32 and cast to the weight's dtype. Returns how many
-    layers were removed. Parameters keep their ``requires_grad`` as ``inject`` left them (frozen).
+    The merge adds ``s·B@A`` computed in fp32 and cast to the weight's dtype (DoRA: ``m ⊙ V/‖V‖``,
+    trained biases added, token rows written, saved copies kept); without it the originals come
+    back. Returns how many layers were removed. Parameters keep their ``requires_grad`` as
+    ``inject`` left them (frozen); a kept saved copy is frozen.
     """
-    found = list(lora_layers(model))
-    for name, layer in found:
-        if merge:
-            with torch.no_grad():
-                w = layer.weight
-                w.copy_((w.float() + layer.delta_weight().to(w.device)).to(w.dtype))
-        set_module(model, name, layer.base)
+    found = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, LoraLayer | BiasShift | TokenRows | TiedRows)
+        or saved_original(m) is not None
+    ]
+    with torch.no_grad():
+        for name, m in found:
+            if saved_original(m) is not None:
+                if merge:  # the trained copy stays, as a plain frozen module
+                    object.__delattr__(m, SAVED_FLAG)
+                    m.requires_grad_(False)
+                else:
+                    set_module(model, name, _module(saved_original(m)))
+                continue
+            base = _module(m.base)
+            if merge and isinstance(m, LoraLayer):
+                w = m.weight
+                w.copy_(m.merged_weight().to(w.device, w.dtype))
+            delta = getattr(m, C.PART_BIAS_DELTA, None)
+            if merge and isinstance(delta, torch.Tensor):
+                b = base.bias
+                assert isinstance(b, torch.Tensor)
+                b.copy_((b.float() + delta.detach().float()).to(b.dtype))
+            if merge and isinstance(m, TokenRows):
+                ew = base.weight
+                assert isinstance(ew, torch.Tensor)
+                ew.copy_(m.weight)  # a tied head shares this weight: it follows
+            set_module(model, name, base)
     return len(found)

@@ -6,7 +6,7 @@ registry's answer (loratool/kinds), not a list kept here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -16,9 +16,11 @@ from .. import constants as C
 from .. import kinds
 from ..adapter import Adapter
 from ..errors import UsageError
+from .extras import SAVED_FLAG, BiasShift, TiedRows, TokenRows, saved_copy
 from .layer import LoraLayer, kind_of
 
 ALL_LINEAR = "all-linear"
+BIAS_MODES = ("none", "lora_only", "all")  # PEFT's ``bias`` and loralib's vocabulary
 
 
 @dataclass
@@ -115,34 +117,177 @@ def inject(
     alpha: float | None = None,
     dropout: float = 0.0,
     rslora: bool = False,
+    dora: bool = False,
+    bias: str = "none",
+    modules_to_save: str | Iterable[str] = (),
+    trainable_tokens: Iterable[int] | Mapping[str, Iterable[int]] | None = None,
 ) -> InjectionReport:
     """Wrap the ``targets`` modules of ``model`` in ``LoraLayer``s, in place, and freeze the rest.
 
     ``alpha`` defaults to ``rank`` (scale 1). Afterwards only the LoRA factors have
-    ``requires_grad``; the factors are fp32 on the device of the weight they adapt.
+    ``requires_grad``; the factors are fp32 on the device of the weight they adapt. The spec 1.1
+    options take PEFT's names and compute what PEFT's layers compute (``extras``): ``dora``
+    (a magnitude per output row, ``use_dora``), ``bias`` (``"lora_only"``: the LoRA modules'
+    biases train too; ``"all"``: every bias), ``modules_to_save`` (trained copies of whole
+    modules, PEFT's suffix rule) and ``trainable_tokens`` (ids of rows of the input embedding
+    that train, or ``{module: ids}``; a tied output head follows).
     """
     if rank < 1:
         raise UsageError(f"rank must be at least 1, got {rank}", code="bad-rank")
     if not 0.0 <= dropout < 1.0:
         raise UsageError(f"dropout must be in [0, 1), got {dropout}", code="bad-dropout")
+    if bias not in BIAS_MODES:
+        raise UsageError(
+            f"bias must be one of {', '.join(BIAS_MODES)}, got {bias!r}", code="bad-bias"
+        )
     names = select_modules(model, targets)
+    tokens = _token_modules(model, trainable_tokens)
+    saved = _saved_modules(model, modules_to_save)
+    clash = sorted((set(names) | set(tokens)) & set(saved)) or sorted(set(names) & set(tokens))
+    if clash:
+        raise UsageError(
+            f"module '{clash[0]}' is asked for twice (LoRA target, modules_to_save, tokens)",
+            code="target-conflict",
+            hint="give each module one role",
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     kinds: dict[str, int] = {}
     for name in names:
         base = model.get_submodule(name)
+        if dora and C.FEATURE_DORA not in kinds_of(base):
+            raise UsageError(
+                f"DoRA is defined for Linear and Conv1D targets; '{name}' is a "
+                f"{type(base).__name__}",
+                code="unsupported-feature",
+                hint="leave embeddings out of the targets, or train without --dora",
+            )
         layer = LoraLayer(
             base,
             rank=rank,
             alpha=float(rank if alpha is None else alpha),
             dropout=dropout,
             rslora=rslora,
+            dora=dora,
+            train_bias=bias != "none",
         )
         kinds[layer.kind] = kinds.get(layer.kind, 0) + 1
         set_module(model, name, layer)
+    for name in saved:
+        set_module(model, name, saved_copy(model.get_submodule(name)))
+    _wrap_tokens(model, tokens)
+    if bias == "all":
+        _shift_biases(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return InjectionReport(modules=names, trainable_params=trainable, all_params=total, kinds=kinds)
+
+
+def kinds_of(module: nn.Module) -> frozenset[str]:
+    """The §3.5 features the kind that wraps ``module`` accepts."""
+    kind = kinds.of_module(module)
+    return frozenset() if kind is None else kind.accepts
+
+
+def _saved_modules(model: nn.Module, names: str | Iterable[str]) -> list[str]:
+    """PEFT's ``modules_to_save`` rule (a plain suffix match on the module path), outermost hits.
+
+    The ``full`` kind stores a module's own ``weight`` and ``bias``; a module holding any other
+    parameter (a whole decoder layer, say) is refused rather than half saved.
+    """
+    wanted = [names] if isinstance(names, str) else list(names)
+    wanted = [n.strip() for n in wanted if n.strip()]
+    chosen: list[str] = []
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    for entry in wanted:
+        hits = [n for n, _ in modules if n.endswith(entry)]
+        if not hits:
+            raise UsageError(
+                f"modules_to_save entry '{entry}' matches no module of the model",
+                code="no-such-module",
+                hint=f"module names look like {_examples(modules)}",
+            )
+        chosen += [n for n in hits if n not in chosen]
+    outer = [n for n in chosen if not any(n.startswith(o + ".") for o in chosen)]
+    for n in outer:
+        own = {k for k, _ in model.get_submodule(n).named_parameters()}
+        if not own or own - {C.PART_WEIGHT, C.PART_BIAS}:
+            raise UsageError(
+                f"modules_to_save '{n}' holds parameters {sorted(own)[:4]}; a saved module is "
+                "one layer's weight and bias",
+                code="unsupported-module",
+                hint="name the layers inside it",
+            )
+    return outer
+
+
+def _token_modules(
+    model: nn.Module, spec: Iterable[int] | Mapping[str, Iterable[int]] | None
+) -> dict[str, list[int]]:
+    """PEFT's ``trainable_token_indices``: ids for the input embedding, or ``{module: ids}``."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, Mapping):
+        get = getattr(model, "get_input_embeddings", None)
+        emb = get() if callable(get) else None
+        name = next((n for n, m in model.named_modules() if m is emb and n), None)
+        if name is None:
+            raise UsageError(
+                "the model has no input embedding for trainable tokens", code="no-embedding"
+            )
+        spec = {name: spec}
+    out: dict[str, list[int]] = {}
+    modules = dict(model.named_modules())
+    for entry, ids in spec.items():
+        hits = [n for n in modules if n and (n == entry or n.endswith("." + entry))]
+        if len(hits) != 1 or not isinstance(modules[hits[0]], nn.Embedding):
+            raise UsageError(
+                f"trainable tokens: '{entry}' names {len(hits)} modules, not one Embedding",
+                code="no-such-module",
+            )
+        emb = modules[hits[0]]
+        assert isinstance(emb, nn.Embedding)
+        idx = sorted({int(i) for i in ids})
+        if not idx or idx[0] < 0 or idx[-1] >= emb.num_embeddings:
+            raise UsageError(
+                f"trainable token ids for '{hits[0]}' must be 0..{emb.num_embeddings - 1}",
+                code="bad-token-ids",
+            )
+        out[hits[0]] = idx
+    return out
+
+
+def _wrap_tokens(model: nn.Module, tokens: Mapping[str, list[int]]) -> None:
+    head = _output_head(model)
+    head_name = next((n for n, m in model.named_modules() if m is head and n), None)
+    for name, idx in tokens.items():
+        emb = model.get_submodule(name)
+        assert isinstance(emb, nn.Embedding)
+        rows = TokenRows(emb, idx)
+        set_module(model, name, rows)
+        # A head sharing the embedding's weight sees the new rows too (PEFT's tied adapter).
+        if isinstance(head, nn.Linear) and head.weight is emb.weight and head_name:
+            set_module(model, head_name, TiedRows(head, rows))
+
+
+def _shift_biases(model: nn.Module) -> None:
+    """``bias="all"``: every bias outside the LoRA layers (which train their own) trains too."""
+    skip = {n for n, m in model.named_modules() if isinstance(m, LoraLayer | TokenRows | TiedRows)}
+    skip |= {n for n, m in model.named_modules() if getattr(m, SAVED_FLAG, None)}
+    for name, m in list(model.named_modules()):
+        if not name or name in skip or any(name.startswith(s + ".") for s in skip):
+            continue
+        own = dict(m.named_parameters(recurse=False))
+        if not any("bias" in k for k in own):
+            continue
+        if not BiasShift.fits(m) or set(own) - {C.PART_WEIGHT, C.PART_BIAS}:
+            raise UsageError(
+                f"bias='all' cannot train the bias of '{name}' ({type(m).__name__}): loratool "
+                "trains biases added along the last dimension (Linear, Conv1D, LayerNorm)",
+                code="unsupported-module",
+                hint="use bias='lora_only', or name the module in modules_to_save",
+            )
+        set_module(model, name, BiasShift(m))
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
@@ -153,11 +298,24 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
 
 
 def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """``{'<module>.lora_A': A, '<module>.lora_B': B}``: the trainable state, keyed as in files."""
+    """``{'<module>.lora_A': A, '<module>.lora_B': B, ...}``: the trainable state, keyed as the
+    adapter file keys it (``<module>.<part>``: magnitude, bias_delta, weight, token_values)."""
     out: dict[str, nn.Parameter] = {}
-    for name, layer in lora_layers(model):
-        out[name + C.LORA_A_SUFFIX] = layer.lora_A
-        out[name + C.LORA_B_SUFFIX] = layer.lora_B
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLayer):
+            out[name + C.LORA_A_SUFFIX] = m.lora_A
+            out[name + C.LORA_B_SUFFIX] = m.lora_B
+            for part in (C.PART_MAGNITUDE, C.PART_BIAS_DELTA):
+                p = getattr(m, part)
+                if p is not None:
+                    out[f"{name}.{part}"] = p
+        elif isinstance(m, BiasShift):
+            out[f"{name}.{C.PART_BIAS_DELTA}"] = m.bias_delta
+        elif isinstance(m, TokenRows):
+            out[f"{name}.{C.PART_TOKEN_VALUES}"] = m.token_values
+        elif getattr(m, SAVED_FLAG, None):
+            for part, p in m.named_parameters(recurse=False):
+                out[f"{name}.{part}"] = p
     return out
 
 

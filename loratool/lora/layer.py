@@ -44,11 +44,15 @@ class LoraLayer(nn.Module):
         alpha: float,
         dropout: float = 0.0,
         rslora: bool = False,
+        dora: bool = False,
+        train_bias: bool = False,
     ) -> None:
         super().__init__()
         kind = kinds.of_module(base)
         if kind is None:
             raise TypeError(f"cannot wrap {type(base).__name__}")
+        if dora and C.FEATURE_DORA not in kind.accepts:
+            raise TypeError(f"DoRA is defined for Linear and Conv1D, not {kind.label}")
         w = base.weight
         assert isinstance(w, torch.Tensor)
         self.base = base
@@ -64,10 +68,32 @@ class LoraLayer(nn.Module):
         dev = w.device
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, device=dev))
+        # Spec 1.1 §3.5: DoRA's magnitude (PEFT's lora_magnitude_vector) and a trained base bias,
+        # kept as a difference so the file stores what it changed (feature ``bias``).
+        self.magnitude = nn.Parameter(torch.empty(self.out_features, device=dev)) if dora else None
+        has_bias = isinstance(getattr(base, "bias", None), torch.Tensor)
+        self.bias_delta = (
+            nn.Parameter(torch.zeros(self.out_features, device=dev))
+            if train_bias and has_bias
+            else None
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         self.kind_spec.init_factors(self.lora_A, self.lora_B)
+        if self.magnitude is not None:  # PEFT's dora_init: ‖W + s·B·A‖ per output row
+            with torch.no_grad():
+                self.magnitude.copy_(self.weight_norm())
+        if self.bias_delta is not None:
+            with torch.no_grad():
+                self.bias_delta.zero_()
+
+    def weight_norm(self) -> torch.Tensor:
+        """‖W + s·B·A‖ of each output row (over the input dimension), fp32, outside autograd."""
+        with torch.no_grad():
+            w = self.kind_spec.from_stored(self.weight).float()
+            v = w + (self.lora_B.float() * self.scale) @ self.lora_A.float()
+            return torch.linalg.vector_norm(v, dim=1)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -77,6 +103,32 @@ class LoraLayer(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._dora(x) if self.magnitude is not None else self._lora(x)
+        return y if self.bias_delta is None else y + self.bias_delta.to(y.dtype)
+
+    def _dora(self, x: torch.Tensor) -> torch.Tensor:
+        """PEFT's DoRA layer: ``W x + b + (m/‖V‖ − 1)·W·drop(x) + (m/‖V‖)·s·B A drop(x)``.
+
+        That is ``(m/‖V‖) ⊙ (W + s·B·A)·x + b`` without dropout; ‖V‖ is held constant (no
+        gradient), as DoRA's §4.3 and PEFT do, so only m, A and B learn. With dropout the base
+        term of the correction sees the dropped input, exactly as PEFT's ``DoraLinearVariant``.
+        """
+        assert self.magnitude is not None
+        out = self.base(x)
+        if x.dtype != self.lora_A.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.dtype)
+        f = self.magnitude / self.weight_norm()
+        if self.dropout is not None and self.training:
+            x = self.dropout(x)
+            w = self.kind_spec.from_stored(self.weight)
+            base_out = F.linear(x, w.to(x.dtype))
+        else:
+            bias = getattr(self.base, "bias", None)
+            base_out = out if bias is None else out - bias
+        lora = F.linear(F.linear(x, self.lora_A) * self.scale, self.lora_B)
+        return out + ((f - 1) * base_out + f * lora).to(out.dtype)
+
+    def _lora(self, x: torch.Tensor) -> torch.Tensor:
         kind = self.kind_spec
         drop = self.dropout
         # nn.Dropout is fused; any other module put in its place takes the plain autograd path.
@@ -110,8 +162,18 @@ class LoraLayer(nn.Module):
         d = (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scale
         return self.kind_spec.to_stored(d)
 
+    def merged_weight(self) -> torch.Tensor:
+        """The stored weight with this layer merged, fp32: ``W + ΔW``, or DoRA's ``m ⊙ V/‖V‖``."""
+        v = self.weight.float() + self.delta_weight()
+        if self.magnitude is None:
+            return v
+        f = self.magnitude.detach().float() / self.weight_norm()
+        return v * (f.unsqueeze(0) if self.kind_spec.transposed else f.unsqueeze(1))
+
     def extra_repr(self) -> str:
-        return f"kind={self.kind}, rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:.4g}"
+        extra = ", dora" if self.magnitude is not None else ""
+        extra += ", bias" if self.bias_delta is not None else ""
+        return f"kind={self.kind}, rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:.4g}{extra}"
 
 
 class FusedLora(torch.autograd.Function):

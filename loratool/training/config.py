@@ -19,6 +19,7 @@ from ..errors import UsageError
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("auto", "f32", "bf16")
 QUANTIZE = ("nf4", "int8")
+BIAS_MODES = ("none", "lora_only", "all")  # PEFT's bias= (mirrors lora.injection.BIAS_MODES)
 
 
 @dataclass
@@ -35,6 +36,11 @@ class TrainConfig:
     alpha: float | None = None  # None: 2 × rank
     dropout: float = 0.0  # PEFT's default; 0 skips the dropout op entirely
     rslora: bool = False  # scale α/√r instead of α/r
+    # spec 1.1, PEFT's names: DoRA's magnitude, biases that train, whole modules, token rows
+    dora: bool = False  # PEFT use_dora (Liu et al. 2024), the norm held constant (their §4.3)
+    bias: str = "none"  # none | lora_only | all (PEFT bias, loralib mark_only_lora_as_trainable)
+    modules_to_save: str | None = None  # comma-separated name suffixes, trained whole
+    trainable_tokens: str | None = None  # comma-separated ids of input-embedding rows that train
     # -- optimisation (AdamW on the LoRA factors only)
     lr: float = 2e-4
     weight_decay: float = 0.0  # transformers Trainer's default
@@ -107,6 +113,9 @@ class TrainConfig:
             raise UsageError("--dropout must be in [0, 1)", code="bad-value")
         if self.alpha is not None and not self.alpha > 0:
             raise UsageError("--alpha must be positive", code="bad-value")
+        if self.bias not in BIAS_MODES:
+            raise UsageError(f"--bias must be one of {', '.join(BIAS_MODES)}", code="bad-value")
+        self.token_ids()
         if self.schedule not in SCHEDULES:
             raise UsageError(f"--schedule must be one of {', '.join(SCHEDULES)}", code="bad-value")
         if self.dtype not in DTYPES:
@@ -117,6 +126,30 @@ class TrainConfig:
             raise UsageError("give --eval-data or --eval-split, not both", code="bad-value")
         if self.eval_split and not 0.0 < self.eval_split < 1.0:
             raise UsageError("--eval-split must be in (0, 1)", code="bad-value")
+
+    def token_ids(self) -> list[int] | None:
+        """``--trainable-tokens`` as ids (None when not given)."""
+        if self.trainable_tokens is None:
+            return None
+        try:
+            ids = [int(x) for x in str(self.trainable_tokens).split(",") if x.strip()]
+        except ValueError:
+            ids = []
+        if not ids or min(ids) < 0:
+            raise UsageError(
+                "--trainable-tokens must be comma-separated token ids, e.g. 0,1,49152",
+                code="bad-value",
+            )
+        return ids
+
+    def inject_options(self) -> dict[str, Any]:
+        """The spec 1.1 keywords of ``lora.inject`` (PEFT's vocabulary)."""
+        return {
+            "dora": self.dora,
+            "bias": self.bias,
+            "modules_to_save": [n for n in (self.modules_to_save or "").split(",") if n.strip()],
+            "trainable_tokens": self.token_ids(),
+        }
 
     def hyperparameters(self) -> dict[str, Any]:
         """The settings that shape the result, as recorded in the adapter's provenance."""
@@ -144,6 +177,11 @@ class TrainConfig:
         out["alpha"] = self.lora_alpha
         if self.quantize:  # only when set: the adapters of unquantised runs keep their keys
             out["quantize"] = self.quantize
+        for key in ("dora", "modules_to_save", "trainable_tokens"):  # likewise
+            if getattr(self, key):
+                out[key] = getattr(self, key)
+        if self.bias != "none":
+            out["bias"] = self.bias
         return dict(sorted(out.items()))
 
 
@@ -163,7 +201,7 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         if optional:
             return None
         raise UsageError(f"key '{key}' must not be empty", code="bad-config", where=where)
-    if key == "targets" and isinstance(value, list):
+    if key in ("targets", "modules_to_save", "trainable_tokens") and isinstance(value, list):
         value = ",".join(str(v) for v in value)
     try:
         if kind.startswith("bool"):

@@ -158,6 +158,7 @@ class Session:
             alpha=c.lora_alpha,
             dropout=c.dropout,
             rslora=c.rslora,
+            **c.inject_options(),
         )
         self.emit(
             TrainEvent("info", message=f"LoRA on {len(report.modules)} modules: {report.summary()}")

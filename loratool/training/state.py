@@ -190,7 +190,11 @@ def find_resume(resume: str | None, root: Path) -> Saved | None:
 
 
 # Settings that change what the saved state means; the others (lr, schedule, steps...) may change.
-FIXED = ("targets", "rank", "alpha", "rslora", "seed", "seq_len", "packing")
+# dora .. trainable_tokens: the spec 1.1 parts the adapter holds (older checkpoints: None).
+FIXED = (
+    *("targets", "rank", "alpha", "rslora", "seed", "seq_len", "packing"),
+    *("dora", "bias", "modules_to_save", "trainable_tokens"),
+)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,182 @@
+"""Spec 1.1 training against PEFT itself: ``inject(dora=, bias=, modules_to_save=,
+trainable_tokens=)`` computes what PEFT's layers compute, and the adapter it gives, written as
+PEFT's files, loads in ``PeftModel`` with the same outputs (fp32, ≤ 1e-5); DoRA's gradients are
+PEFT's (the norm held constant); ``train --dora --bias ...`` from the command line does the same."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from loratool import lora
+from loratool.convert.core import convert
+
+pytest.importorskip("peft")
+
+# case -> (base fixture, inject options)
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "dora": ("tiny_llama_dir", dict(targets="q_proj,v_proj,down_proj", dora=True)),
+    "tokens": ("tiny_llama_dir", dict(targets="q_proj", trainable_tokens=[7, 5, 30])),
+    "modules-to-save": (
+        "tiny_llama_dir",
+        dict(targets="q_proj", modules_to_save=["norm", "up_proj"]),
+    ),
+    "bias-lora-only": ("tiny_bert_dir", dict(targets="query,value", bias="lora_only")),
+    "bias-all": ("tiny_bert_dir", dict(targets="query,value", bias="all")),
+    "dora-bias-all": ("tiny_bert_dir", dict(targets="query,value", bias="all", dora=True)),
+    "dora-conv1d": ("tiny_gpt2_dir", dict(targets="c_attn", dora=True, bias="lora_only")),
+}
+
+
+def _model(base: Path) -> Any:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    causal = str(AutoConfig.from_pretrained(base).architectures[0]).endswith("ForCausalLM")
+    return (AutoModelForCausalLM if causal else AutoModel).from_pretrained(base)
+
+
+def _inputs(model: Any) -> dict[str, torch.Tensor]:
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13, 2, 30]])
+    return {"input_ids": ids}
+
+
+def _out(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        o = model(**inputs)
+    return o.logits if hasattr(o, "logits") else o.last_hidden_state
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_injected_variant_loads_in_peft_with_the_same_outputs(
+    case: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+
+    fixture, options = CASES[case]
+    base = Path(request.getfixturevalue(fixture))
+    torch.manual_seed(0)
+    model = _model(base)
+    report = lora.inject(model, rank=4, alpha=8, **options)
+    params = lora.lora_parameters(model)
+    assert sum(p.numel() for p in params.values()) == report.trainable_params
+    with torch.no_grad():  # as if trained: every trained part off its initial value
+        for p in params.values():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    inputs = _inputs(model)
+    ref = _out(model, inputs)
+    adapter = lora.extract_adapter(model)
+    assert set(adapter.state_dict()) == set(params)
+    adapter.save(tmp_path / "a.safetensors")
+    convert(tmp_path / "a.safetensors", tmp_path / "peft", to="peft", base=base)
+    peft_model = PeftModel.from_pretrained(_model(base), tmp_path / "peft").eval()
+    assert float((_out(peft_model, inputs) - ref).abs().max()) <= 1e-5
+    # and back: PEFT's files read as the same adapter (bias values turned into differences)
+    convert(tmp_path / "peft", tmp_path / "b.safetensors", base=base)
+    from loratool.format import load
+
+    again = load(tmp_path / "b.safetensors").state_dict()
+    for key, x in adapter.state_dict().items():
+        assert torch.allclose(again[key].float(), x.float(), atol=1e-6), key
+    # remove(merge=True) computes the same outputs with plain modules
+    assert lora.remove(model, merge=True) >= 1
+    assert float((_out(model, inputs) - ref).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("dropout", [0.0])
+def test_dora_gradients_are_peft_s(tiny_llama_dir: Path, tmp_path: Path, dropout: float) -> None:
+    """DoRA §4.3 as PEFT: ‖V‖ is a constant in backward, so m, A and B get PEFT's gradients."""
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    model = _model(tiny_llama_dir)
+    lora.inject(model, targets="q_proj,v_proj", rank=4, alpha=8, dora=True, dropout=dropout)
+    with torch.no_grad():
+        for p in lora.lora_parameters(model).values():
+            p.add_(torch.randn_like(p) * 0.1)
+    lora.extract_adapter(model).save(tmp_path / "a.safetensors")
+    convert(tmp_path / "a.safetensors", tmp_path / "peft", to="peft", base=tiny_llama_dir)
+    peft_model = PeftModel.from_pretrained(
+        _model(tiny_llama_dir), tmp_path / "peft", is_trainable=True
+    )
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13, 2, 30]])
+    for m in (model, peft_model):
+        m.train()
+        m(input_ids=ids, labels=ids).loss.backward()
+    ours = {k: p.grad for k, p in lora.lora_parameters(model).items()}
+    theirs = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    for n, g in theirs.items():
+        module = n.removeprefix("base_model.model.").split(".lora_")[0]
+        part = "magnitude" if "magnitude" in n else "lora_A" if ".lora_A." in n else "lora_B"
+        mine = ours[f"{module}.{part}"]
+        assert g is not None and mine is not None
+        assert float((mine - g.reshape(mine.shape)).abs().max()) <= 1e-5 * max(
+            1.0, float(g.abs().max())
+        ), n
+
+
+def test_inject_refuses_what_it_cannot_hold(tiny_llama_dir: Path, tiny_bert_dir: Path) -> None:
+    from loratool.errors import UsageError
+
+    with pytest.raises(UsageError, match="DoRA is defined for Linear"):
+        lora.inject(_model(tiny_llama_dir), targets="embed_tokens", rank=2, dora=True)
+    with pytest.raises(UsageError, match="bias must be one of"):
+        lora.inject(_model(tiny_llama_dir), targets="q_proj", rank=2, bias="some")
+    with pytest.raises(UsageError, match="asked for twice"):
+        lora.inject(_model(tiny_llama_dir), targets="q_proj", rank=2, modules_to_save=["q_proj"])
+    with pytest.raises(UsageError, match="one layer's weight and bias"):
+        lora.inject(_model(tiny_llama_dir), targets="q_proj", rank=2, modules_to_save=["layers.0"])
+    with pytest.raises(UsageError, match=r"must be 0\.\."):
+        lora.inject(_model(tiny_llama_dir), targets="q_proj", rank=2, trainable_tokens=[10**6])
+    with pytest.raises(UsageError, match="matches no module"):
+        lora.inject(_model(tiny_llama_dir), targets="q_proj", rank=2, modules_to_save=["nope"])
+
+
+def test_train_cli_dora_bias_tokens_loads_in_peft(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    from loratool.cli import cli
+    from loratool.format import load
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"fact {i} is {i * 7}"}) + "\n" for i in range(8)))
+    out = tmp_path / "a.safetensors"
+    args = ["train", "--model", str(tiny_llama_dir), "--data", str(data), "-o", str(out)]
+    args += ["--targets", "q_proj,v_proj", "--rank", "4", "--max-steps", "2", "--seq-len", "32"]
+    args += ["--dora", "--modules-to-save", "norm", "--trainable-tokens", "5,7", "--lr", "1e-2"]
+    res = CliRunner().invoke(cli, [*args, "-q"])
+    assert res.exit_code == 0, res.output
+    adapter = load(out)
+    assert adapter.requires == ["dora", "full", "tokens"]
+    hp = adapter.provenance["training"]["hyperparameters"]
+    assert (
+        hp["dora"] is True and hp["trainable_tokens"] == "5,7" and hp["modules_to_save"] == "norm"
+    )
+    t = adapter.targets["model.embed_tokens"]
+    assert t.fields["indices"] == (5, 7)
+    convert(out, tmp_path / "peft", to="peft", base=tiny_llama_dir)
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["use_dora"] is True and "model.norm" in cfg["modules_to_save"]  # PEFT: suffix rule
+    model = _model(tiny_llama_dir)
+    lora.inject(
+        model,
+        targets="q_proj,v_proj",
+        rank=4,
+        alpha=8,
+        dora=True,
+        modules_to_save=["norm"],
+        trainable_tokens=[5, 7],
+    )
+    with torch.no_grad():
+        params = lora.lora_parameters(model)
+        for key, x in adapter.state_dict().items():
+            params[key].copy_(x)
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13, 2, 30]])
+    ref = _out(model.eval(), {"input_ids": ids})
+    peft_model = PeftModel.from_pretrained(_model(tiny_llama_dir), tmp_path / "peft").eval()
+    assert float((_out(peft_model, {"input_ids": ids}) - ref).abs().max()) <= 1e-5
