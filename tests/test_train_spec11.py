@@ -180,3 +180,38 @@ def test_train_cli_dora_bias_tokens_loads_in_peft(tiny_llama_dir: Path, tmp_path
     ref = _out(model.eval(), {"input_ids": ids})
     peft_model = PeftModel.from_pretrained(_model(tiny_llama_dir), tmp_path / "peft").eval()
     assert float((_out(peft_model, {"input_ids": ids}) - ref).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_peft_trained_biases_convert_and_merge(
+    bias: str, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """PEFT's own bias="lora_only"/"all" adapter: read with --base as bias deltas, written back
+    with PEFT's outputs, merged into the base with PEFT's outputs, and refused without a base."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModel
+
+    import loratool
+    from loratool.errors import LoratoolError
+
+    torch.manual_seed(0)
+    pm = get_peft_model(
+        AutoModel.from_pretrained(tiny_bert_dir),
+        LoraConfig(r=2, target_modules=["query", "value"], bias=bias, init_lora_weights=False),
+    )
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad and n.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    pm.eval().save_pretrained(tmp_path / "peft")
+    inputs = {"input_ids": torch.tensor([[1, 5, 7, 9, 11, 13, 2, 30]])}
+    ref = _out(pm, inputs)
+    with pytest.raises(LoratoolError, match="convert with --base"):
+        convert(tmp_path / "peft", tmp_path / "nobase.safetensors")
+    convert(tmp_path / "peft", tmp_path / "a.safetensors", base=tiny_bert_dir)
+    convert(tmp_path / "a.safetensors", tmp_path / "back", to="peft", base=tiny_bert_dir)
+    back = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_bert_dir), tmp_path / "back")
+    assert float((_out(back.eval(), inputs) - ref).abs().max()) <= 1e-5
+    loratool.merge(tiny_bert_dir, [tmp_path / "a.safetensors"], tmp_path / "merged")
+    merged = AutoModel.from_pretrained(tmp_path / "merged").eval()
+    assert float((_out(merged, inputs) - ref).abs().max()) <= 1e-5
