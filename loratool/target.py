@@ -240,7 +240,7 @@ class Target:
         dt = dtype or torch.float32
         dense = getattr(kinds.get(self.kind), "dense_delta", None)
         if dense is not None:  # conv2d, LoHa, LoKr: ΔW shaped like the weight, by the kind
-            return dense(self, dt)  # type: ignore[no-any-return]
+            return dense(self, dt)
         return (self.lora_B.to(dt) @ self.lora_A.to(dt)) * self.scale
 
     def header(self) -> dict[str, Any]:
