@@ -38,10 +38,10 @@ class _Bar:
 @rule_options
 @click.option(
     "--targets",
-    default="all-linear",
-    show_default=True,
-    help="Comma-separated module-name suffixes (q_proj,v_proj), or all-linear: every 2-D weight "
-    "except embeddings and lm_head.",
+    default=None,
+    help="Comma-separated module-name suffixes (q_proj,v_proj), all-linear (every 2-D weight "
+    "except embeddings and lm_head) or all-conv (every Conv2d weight). Default: all-linear, "
+    "plus all-conv when the base has convolutions (image models).",
 )
 @click.option(
     "--device",
@@ -73,7 +73,7 @@ def command(
     as_json: bool,
     all_rows: bool,
     rules: dict[str, Any],
-    targets: str,
+    targets: str | None,
     device: str,
     dtype: str,
     method: str,

@@ -172,6 +172,8 @@ def extract(
         D = fc.read(mod.ft_key).to(dev, torch.float32)
         D.sub_(bc.read(mod.base_key).to(dev, torch.float32))
         D = kinds.get(mod.kind).from_stored(D)  # ΔW is [out, in] whatever the stored layout
+        if mod.kernel:  # a Conv2d: ΔW as [out, in·kh·kw], the matrix its LoRA factors
+            D = D.reshape(D.shape[0], -1)
         if not bool(torch.isfinite(D).all()):
             raise FormatError(
                 f"'{mod.ft_key}' minus the base has NaN or Inf values",
@@ -186,7 +188,21 @@ def extract(
             root = torch.tensor(sv[:k], dtype=torch.float64).sqrt().to(dev, torch.float32)
             B = (u[:, :k] * root).to("cpu", out_dtype).contiguous()
             A = (root[:, None] * vh[:k]).to("cpu", out_dtype).contiguous()
-            new[mod.name] = Target.from_factors(mod.name, A, B, alpha=float(k), kind=mod.kind)
+            if mod.kernel:
+                new[mod.name] = Target(
+                    mod.name,
+                    rank=k,
+                    alpha=float(k),
+                    in_features=mod.in_features,
+                    out_features=mod.out_features,
+                    kind=C.KIND_CONV2D,
+                    dtype=dtype_name(out_dtype),
+                    fields={"kernel": mod.kernel},
+                    lora_A=A.reshape(k, mod.in_features, *mod.kernel).contiguous(),
+                    lora_B=B.reshape(mod.out_features, k, 1, 1).contiguous(),
+                )
+            else:
+                new[mod.name] = Target.from_factors(mod.name, A, B, alpha=float(k), kind=mod.kind)
             residual_sq = None
             if not complete:  # measure ‖D − D_k‖ itself: the σ beyond the sample are unknown
                 D.sub_((u[:, :k] * torch.tensor(sv[:k], device=dev)) @ vh[:k])

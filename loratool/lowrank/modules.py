@@ -60,6 +60,7 @@ class Module:
     kind: str
     in_features: int
     out_features: int
+    kernel: tuple[int, ...] = ()  # conv2d: (kh, kw)
 
 
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -72,10 +73,11 @@ def select_modules(
     candidates = [
         key[: -len(".weight")]
         for key in base.entries
-        if key.endswith(".weight") and len(base.shape(key)) == 2
+        if key.endswith(".weight") and len(base.shape(key)) in (2, 4)
     ]
+    convs = {m for m in candidates if len(base.shape(m + ".weight")) == 4}
     if targets is None:
-        wanted = ["all-linear"]
+        wanted = ["all-linear", "all-conv"] if convs else ["all-linear"]
     elif isinstance(targets, str):
         wanted = [s.strip() for s in targets.split(",") if s.strip()]
     else:
@@ -87,7 +89,14 @@ def select_modules(
     chosen: set[str] = set()
     for suffix in wanted:
         if suffix == "all-linear":
-            chosen.update(m for m in candidates if not _is_embedding(m) and not _is_output(m))
+            chosen.update(
+                m
+                for m in candidates
+                if m not in convs and not _is_embedding(m) and not _is_output(m)
+            )
+            continue
+        if suffix == "all-conv":  # every Conv2d weight [out, in, kh, kw] (image models)
+            chosen.update(convs)
             continue
         hits = [m for m in candidates if m == suffix or m.endswith("." + suffix)]
         if not hits:
@@ -127,6 +136,10 @@ def select_modules(
             warnings.append(f"'{fkey}' is {ft.dtype(fkey)}, not a float weight: skipped")
             continue
         # A checkpoint holds no module types: the kind is read off the name and the model type.
+        shape = tuple(base.shape(bkey))
+        if len(shape) == 4:
+            out.append(Module(m, bkey, fkey, C.KIND_CONV2D, shape[1], shape[0], shape[2:]))
+            continue
         if _is_embedding(m):
             kind = C.KIND_EMBEDDING
         elif conv1d and m.rsplit(".", 1)[-1] in _CONV1D_NAMES:

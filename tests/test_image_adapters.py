@@ -1,0 +1,255 @@
+"""Image-model adapters against outside code: LyCORIS, PEFT and diffusers on tiny diffusers bases.
+
+* LyCORIS' own package writes LoCon (plain and Tucker, with DoRA), LoHa (plain, Tucker) and LoKr
+  (full, factored, Tucker) files; loratool reads each module with the ΔW LyCORIS applies.
+* PEFT LoRA (Conv2d included), LoHa and LoKr on the tiny UNet and the tiny Flux transformer
+  convert PEFT → loratool → PEFT with identical outputs, and loratool's merge gives the
+  outputs PEFT computes (≤ 1e-5 relative).
+* diffusers' ``load_lora_weights`` + ``fuse_lora`` with a kohya LoCon file writes the weights
+  loratool's merge writes, into a unet/ folder, a sharded one and the SD single file; unmerge
+  with the sidecar gives the base back bit for bit.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("diffusers")
+torch = pytest.importorskip("torch")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+import image_models  # noqa: E402
+
+
+def run_cli(*args: str) -> None:
+    from click.testing import CliRunner
+
+    from loratool.cli import cli
+
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exit_code == 0, result.output
+
+
+def rel(a: Any, b: Any) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _unet() -> Any:
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(
+        image_models.unet_dir(), local_files_only=True
+    ).eval()
+
+
+def _flux() -> Any:
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel.from_pretrained(
+        image_models.flux_dir(), local_files_only=True
+    ).eval()
+
+
+def _unet_out(model: Any) -> Any:
+    g = torch.Generator().manual_seed(1)
+    x, enc = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 5, 32, generator=g)
+    with torch.no_grad():
+        return model(x, torch.tensor([10]), encoder_hidden_states=enc).sample
+
+
+def _flux_out(model: Any) -> Any:
+    g = torch.Generator().manual_seed(1)
+    n_img, n_txt = 16, 5
+    kw = dict(
+        hidden_states=torch.randn(1, n_img, 4, generator=g),
+        encoder_hidden_states=torch.randn(1, n_txt, 32, generator=g),
+        pooled_projections=torch.randn(1, 32, generator=g),
+        timestep=torch.tensor([0.5]),
+        img_ids=torch.zeros(n_img, 3),
+        txt_ids=torch.zeros(n_txt, 3),
+    )
+    with torch.no_grad():
+        return model(**kw).sample
+
+
+UNET_TARGETS = ["to_q", "to_k", "proj_in", "conv1", "conv2", "conv_shortcut", "ff.net.2"]
+FLUX_TARGETS = ["to_q", "to_k", "to_v", "add_q_proj", "proj_mlp", "proj_out", "ff.net.2"]
+
+
+def _peft_configs(targets: list[str], conv: bool) -> list[Any]:
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    out = [
+        LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False),
+        LoHaConfig(r=4, alpha=8, target_modules=targets, init_weights=False),
+        LoKrConfig(r=4, alpha=8, target_modules=targets, init_weights=False),
+    ]
+    if conv:  # Tucker forms (PEFT's use_effective_conv2d) exist for 3×3 convs only
+        out += [
+            LoHaConfig(
+                r=4, alpha=8, target_modules=targets, init_weights=False, use_effective_conv2d=True
+            ),
+            LoKrConfig(
+                r=2,
+                alpha=8,
+                target_modules=targets,
+                init_weights=False,
+                decompose_both=True,
+                decompose_factor=4,
+                use_effective_conv2d=True,
+            ),
+        ]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["unet", "flux"])
+def test_peft_adapters_convert_and_merge_with_peft_outputs(model: str, tmp_path: Path) -> None:
+    from peft import PeftModel, get_peft_model
+
+    load, out, folder = (
+        (_unet, _unet_out, image_models.unet_dir())
+        if model == "unet"
+        else (_flux, _flux_out, image_models.flux_dir())
+    )
+    targets = UNET_TARGETS if model == "unet" else FLUX_TARGETS
+    y0 = out(load())
+    for i, cfg in enumerate(_peft_configs(targets, conv=model == "unet")):
+        torch.manual_seed(i)
+        pm = get_peft_model(load(), cfg)
+        with torch.no_grad():
+            for p in pm.parameters():
+                if p.requires_grad:
+                    p.mul_(3.0)  # a visible effect
+        y1 = out(pm)
+        assert rel(y1, y0) > 0.1, cfg
+        d = tmp_path / f"{i}"
+        pm.save_pretrained(d / "peft")
+        run_cli("convert", str(d / "peft"), "-o", str(d / "a.safetensors"), "--base", str(folder))
+        run_cli("convert", str(d / "a.safetensors"), "-o", str(d / "peft2"), "--to", "peft")
+        y2 = out(PeftModel.from_pretrained(load(), str(d / "peft2")))
+        assert rel(y2, y1) <= 1e-5, type(cfg).__name__
+        run_cli("merge", str(folder), str(d / "a.safetensors"), "-o", str(d / "merged"))
+        merged = type(load()).from_pretrained(d / "merged", local_files_only=True).eval()
+        assert rel(out(merged), y1) <= 1e-5, type(cfg).__name__
+
+
+LYCORIS_CASES = [
+    ("locon", {}),
+    ("locon", {"use_tucker": True}),
+    ("locon", {"dora_wd": True}),
+    ("loha", {}),
+    ("loha", {"use_tucker": True}),
+    ("lokr", {"factor": 4}),
+    ("lokr", {"factor": 2}),
+    ("lokr", {"factor": 2, "decompose_both": True, "use_tucker": True}),
+    ("lokr", {"full_matrix": True}),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("algo", "extra"), LYCORIS_CASES)
+def test_lycoris_files_read_with_the_delta_lycoris_applies(
+    algo: str, extra: dict[str, Any], tmp_path: Path
+) -> None:
+    pytest.importorskip("lycoris")
+    from lycoris import LycorisNetwork, create_lycoris
+
+    from loratool.sources import open_adapter
+
+    unet = _unet()
+    LycorisNetwork.apply_preset({"target_name": [".*proj_in", ".*to_q", ".*conv1", ".*ff.net.2"]})
+    torch.manual_seed(0)
+    net = create_lycoris(
+        unet, 1.0, linear_dim=4, linear_alpha=2.0, conv_dim=4, conv_alpha=3.0, algo=algo, **extra
+    )
+    net.apply_to()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.1)
+    path = tmp_path / "lycoris.safetensors"
+    net.save_weights(str(path), torch.float32, {})
+    adapter = open_adapter(str(path)).adapter
+    assert len(adapter.targets) == len(net.loras) > 0
+    for m in net.loras:
+        t = adapter.targets[m.lora_name]
+        if algo == "locon":  # LoConModule.make_weight is ΔW / scale (gamma 1)
+            ref = m.make_weight().double() * m.scale
+        else:  # LoHa/LoKr get_weight is the ΔW the forward pass adds (scale once)
+            ref = m.get_weight(m.shape).double()
+        ours = t.delta(torch.float64)
+        assert rel(ours.reshape(ref.shape), ref) <= 1e-6, m.lora_name
+        if getattr(m, "wd", False):  # DoRA: the magnitude LyCORIS keeps, per output
+            assert torch.equal(t.part("magnitude"), m.dora_scale.reshape(-1).float())
+    net.restore()
+
+
+def _kohya_locon(unet: Any, path: Path) -> int:
+    """A kohya LoCon file (Linear + 3×3/1×1 Conv2d, alpha ≠ rank) over part of the tiny UNet."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    sd: dict[str, Any] = {}
+    for name, mod in unet.named_modules():
+        if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
+            continue
+        if not any(s in name for s in ("attentions.0", "resnets.0", "downsamplers", "upsamplers")):
+            continue
+        k, r, w = "lora_unet_" + name.replace(".", "_"), 4, mod.weight
+        sd[k + ".lora_down.weight"] = torch.randn(r, *w.shape[1:], generator=g) * 0.1
+        up = (w.shape[0], r, 1, 1) if w.dim() == 4 else (w.shape[0], r)
+        sd[k + ".lora_up.weight"] = torch.randn(*up, generator=g) * 0.1
+        sd[k + ".alpha"] = torch.tensor(2.0)
+    save_file(sd, str(path), metadata={"ss_network_module": "networks.lora"})
+    return len(sd) // 3
+
+
+@pytest.mark.slow
+def test_diffusers_fuse_lora_equals_loratool_merge(tmp_path: Path) -> None:
+    """kohya LoCon → diffusers load_lora_into_unet + fuse_lora, against convert --base + merge
+    into unet/, the sharded unet/ (then unmerge, bit-exact) and the SD single file."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin as Loader
+    from safetensors.torch import load_file
+
+    from loratool.checkpoint import Checkpoint
+    from loratool.layouts import unet_aliases
+
+    unet = _unet()
+    n = _kohya_locon(unet, tmp_path / "locon.safetensors")
+    state, alphas = Loader.lora_state_dict(str(tmp_path / "locon.safetensors"))[:2]
+    Loader.load_lora_into_unet(state, alphas, unet=unet)
+    unet.fuse_lora(lora_scale=1.0)
+    unet.unload_lora()
+    ref = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    base = load_file(str(image_models.unet_dir() / "diffusion_pytorch_model.safetensors"))
+    assert sum(not torch.equal(ref[k], base[k]) for k in ref) == n
+
+    a = str(tmp_path / "a.safetensors")
+    run_cli(
+        "convert",
+        str(tmp_path / "locon.safetensors"),
+        "-o",
+        a,
+        "--base",
+        str(image_models.build("tiny-sd")),
+    )
+    run_cli("merge", str(image_models.unet_dir()), a, "-o", str(tmp_path / "m"))
+    got = load_file(str(tmp_path / "m" / "diffusion_pytorch_model.safetensors"))
+    assert max(float((got[k] - ref[k]).abs().max()) for k in ref) <= 1e-5
+
+    run_cli("merge", str(image_models.single_file()), a, "-o", str(tmp_path / "m.safetensors"))
+    single = load_file(str(tmp_path / "m.safetensors"))
+    names = unet_aliases(single)
+    assert max(float((single[names[k]] - ref[k]).abs().max()) for k in ref) <= 1e-5
+
+    sharded = image_models.unet_dir("tiny-sd-sharded")
+    run_cli("merge", str(sharded), a, "-o", str(tmp_path / "ms"), "--reversible")
+    merged = Checkpoint(tmp_path / "ms")
+    assert max(float((merged.read(k) - ref[k]).abs().max()) for k in ref) <= 1e-5
+    run_cli("unmerge", str(tmp_path / "ms"), a, "-o", str(tmp_path / "back"))
+    orig, back = Checkpoint(sharded), Checkpoint(tmp_path / "back")
+    assert all(orig.read_bytes(k) == back.read_bytes(k) for k in orig.entries)

@@ -1,0 +1,194 @@
+"""Every command on image-model adapters: a kohya LoCon file (Linear + 3×3/1×1 Conv2d) and
+LyCORIS-layout LoHa/LoKr files over the tiny SD UNet — convert, merge, extract, reduce-rank,
+combine, inspect --stats, verify — with the ΔW each must keep."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from loratool.cli import cli
+from loratool.sources import open_adapter
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")  # the fixture builder
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
+import image_models  # noqa: E402
+
+SD_MODULES = (
+    "down_blocks.0.resnets.0.conv1",  # 3×3
+    "down_blocks.0.downsamplers.0.conv",  # 3×3, stride 2
+    "down_blocks.1.resnets.0.conv_shortcut",  # 1×1
+    "down_blocks.1.attentions.0.proj_in",  # 1×1 (SD 1.5's conv proj_in)
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+    "up_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k",
+    "mid_block.attentions.0.transformer_blocks.0.ff.net.2",
+)
+
+
+def cli_ok(*args: str) -> str:
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _shapes() -> dict[str, tuple[int, ...]]:
+    from loratool.checkpoint import Checkpoint
+
+    ckpt = Checkpoint(image_models.unet_dir())
+    return {m: tuple(ckpt.shape(m + ".weight")) for m in SD_MODULES}
+
+
+def write_locon(path: Path, *, rank: int = 4, alpha: float = 2.0, seed: int = 0) -> None:
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, Any] = {}
+    for m, w in _shapes().items():
+        k = "lora_unet_" + m.replace(".", "_")
+        sd[k + ".lora_down.weight"] = torch.randn(rank, *w[1:], generator=g) * 0.1
+        up = (w[0], rank, 1, 1) if len(w) == 4 else (w[0], rank)
+        sd[k + ".lora_up.weight"] = torch.randn(*up, generator=g) * 0.1
+        sd[k + ".alpha"] = torch.tensor(alpha)
+    save_file(sd, str(path), metadata={"ss_network_module": "networks.lora"})
+
+
+def write_loha(path: Path, *, rank: int = 3) -> None:
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(1)
+    sd: dict[str, Any] = {}
+    for m, w in _shapes().items():
+        k = "lora_unet_" + m.replace(".", "_")
+        fan = int(torch.tensor(w[1:]).prod())
+        for side in ("1", "2"):
+            sd[f"{k}.hada_w{side}_a"] = torch.randn(w[0], rank, generator=g) * 0.3
+            sd[f"{k}.hada_w{side}_b"] = torch.randn(rank, fan, generator=g) * 0.3
+        sd[k + ".alpha"] = torch.tensor(1.5)
+    save_file(sd, str(path), metadata={"ss_network_module": "lycoris.kohya"})
+
+
+def deltas(path: str | Path) -> dict[str, Any]:
+    adapter = open_adapter(str(path)).adapter
+    return {n: t.delta(torch.float64) for n, t in adapter.targets.items()}
+
+
+def close(a: Any, b: Any, tol: float = 1e-5) -> bool:
+    return float((a - b).abs().max()) <= tol * float(b.abs().max())
+
+
+@pytest.fixture(scope="module")
+def locon(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("locon")
+    write_locon(d / "locon.safetensors")
+    cli_ok(
+        "convert",
+        str(d / "locon.safetensors"),
+        "-o",
+        str(d / "a.safetensors"),
+        "--base",
+        str(image_models.unet_dir()),
+    )
+    return {"kohya": d / "locon.safetensors", "loratool": d / "a.safetensors", "dir": d}
+
+
+def test_locon_reads_as_conv2d_and_linear_targets(locon: dict[str, Path]) -> None:
+    adapter = open_adapter(str(locon["loratool"])).adapter
+    kinds = {n: t.kind for n, t in adapter.targets.items()}
+    assert set(kinds) == set(SD_MODULES)
+    assert kinds["down_blocks.0.resnets.0.conv1"] == "conv2d"
+    assert kinds["down_blocks.1.attentions.0.proj_in"] == "conv2d"
+    assert kinds["mid_block.attentions.0.transformer_blocks.0.ff.net.2"] == "linear"
+    t = adapter.targets["down_blocks.0.resnets.0.conv1"]
+    assert t.fields["kernel"] == (3, 3) and t.scale == 0.5
+    doc = json.loads(cli_ok("inspect", str(locon["loratool"]), "--json"))
+    assert doc  # a loratool 1.1 file that names its kinds in loratool.requires
+    cli_ok("verify", str(locon["loratool"]))
+    cli_ok("verify", str(locon["kohya"]))
+
+
+def test_kohya_locon_round_trips_through_loratool(locon: dict[str, Path]) -> None:
+    out = locon["dir"] / "back.safetensors"
+    cli_ok("convert", str(locon["loratool"]), "-o", str(out), "--to", "kohya")
+    a, b = deltas(locon["kohya"]), deltas(out)  # b: module paths (loratool's name map)
+    assert set(b) == set(SD_MODULES)
+    for m in SD_MODULES:
+        assert close(b[m], a["lora_unet_" + m.replace(".", "_")], 1e-7)
+
+
+def test_loha_file_round_trips_and_merges(tmp_path: Path) -> None:
+    write_loha(tmp_path / "loha.safetensors")
+    lt, back = tmp_path / "loha-lt.safetensors", tmp_path / "loha-back.safetensors"
+    cli_ok(
+        "convert",
+        str(tmp_path / "loha.safetensors"),
+        "-o",
+        str(lt),
+        "--base",
+        str(image_models.unet_dir()),
+    )
+    adapter = open_adapter(str(lt)).adapter
+    assert {t.kind for t in adapter.targets.values()} == {"loha"}
+    assert adapter.targets["down_blocks.0.resnets.0.conv1"].fields["kernel"] == (3, 3)
+    cli_ok("convert", str(lt), "-o", str(back), "--to", "kohya")
+    src = deltas(tmp_path / "loha.safetensors")
+    for name, d in deltas(back).items():
+        ref = src["lora_unet_" + name.replace(".", "_")]
+        assert close(d.reshape(ref.shape), ref, 1e-7)
+    cli_ok("merge", str(image_models.unet_dir()), str(lt), "-o", str(tmp_path / "m"))
+    cli_ok("unmerge", str(tmp_path / "m"), str(lt), "-o", str(tmp_path / "u"))
+
+
+def test_extract_recovers_conv_and_linear_deltas(locon: dict[str, Path]) -> None:
+    """Merge the LoCon into unet/, extract the difference at rank 4: the same ΔW, convs included."""
+    from loratool.checkpoint import Checkpoint
+
+    d = locon["dir"]
+    cli_ok("merge", str(image_models.unet_dir()), str(locon["loratool"]), "-o", str(d / "ft"))
+    cli_ok(
+        "extract",
+        str(image_models.unet_dir()),
+        str(d / "ft"),
+        "-o",
+        str(d / "x.safetensors"),
+        "--rank",
+        "4",
+    )
+    got = open_adapter(str(d / "x.safetensors")).adapter
+    want = deltas(locon["loratool"])
+    base, ft = Checkpoint(image_models.unet_dir()), Checkpoint(d / "ft")
+    for name, delta in want.items():
+        t = got.targets[name]
+        assert t.kind == ("conv2d" if delta.dim() == 4 else "linear")
+        stored = ft.read(name + ".weight").double() - base.read(name + ".weight").double()
+        assert close(t.delta(torch.float64), stored, 1e-5)
+
+
+def test_reduce_rank_of_locon_is_the_best_approximation(locon: dict[str, Path]) -> None:
+    out = locon["dir"] / "r2.safetensors"
+    cli_ok("reduce-rank", str(locon["loratool"]), "-o", str(out), "--rank", "2")
+    src, got = deltas(locon["loratool"]), open_adapter(str(out)).adapter
+    for name, d in src.items():
+        t = got.targets[name]
+        assert t.rank == 2 and t.kind == ("conv2d" if d.dim() == 4 else "linear")
+        m = d.reshape(d.shape[0], -1)
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        best = (u[:, :2] * s[:2]) @ vh[:2]
+        assert close(t.delta(torch.float64).reshape(m.shape), best, 1e-5)
+    # combine of two conv adapters is exact by concatenation
+    cli_ok("combine", str(locon["loratool"]), str(out), "-o", str(locon["dir"] / "c.safetensors"))
+    comb = deltas(locon["dir"] / "c.safetensors")
+    two = deltas(out)
+    for name in src:
+        assert close(comb[name], src[name] + two[name], 1e-5)
+
+
+def test_inspect_stats_gives_conv_spectra(locon: dict[str, Path]) -> None:
+    text = cli_ok("inspect", str(locon["loratool"]), "--stats", "--json")
+    doc = json.loads(text)
+    assert "conv1" in text and doc
