@@ -39,10 +39,14 @@ Reader = Callable[[str], "Opened | None"]
 
 # Tried in this order after the loratool reader.
 READERS: dict[str, str] = {
+    "gguf": "loratool.convert.gguf_read:open_gguf",
     "peft": "loratool.convert.peft_read:open_peft",
     "diffusers": "loratool.convert.diffusers:open_diffusers",
     "kohya": "loratool.convert.kohya:open_kohya",
 }
+# A file starting with these bytes goes straight to that format's reader (a GGUF file would
+# otherwise read as a safetensors header of absurd length and stop there).
+MAGIC: dict[bytes, str] = {b"GGUF": "gguf"}
 # The last reader: nothing matched, so it raises the error that says what the path is.
 FALLBACK_READER = "loratool.convert.detect:open_unknown"
 # scheme prefix -> opener (path -> Opened); imported only for such paths.
@@ -58,6 +62,11 @@ def open_adapter(path: str | os.PathLike[str]) -> Opened:
         if p.startswith(scheme):
             opened: Opened = _resolve(opener)(p)
             return opened
+    magic = _magic(p)
+    if magic is not None:
+        found = _resolve(READERS[magic])(p)
+        if found is not None:
+            return found
     try:
         header = read_header(p)
         return Opened(header.adapter, LORATOOL, p, header.file_bytes, header)
@@ -70,6 +79,16 @@ def open_adapter(path: str | os.PathLike[str]) -> Opened:
         if found is not None:
             return found
     raise first
+
+
+def _magic(path: str) -> str | None:
+    """The format whose magic bytes open the file at ``path``, or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(max(map(len, MAGIC)))
+    except OSError:
+        return None
+    return next((fmt for m, fmt in MAGIC.items() if head.startswith(m)), None)
 
 
 def _readers() -> list[Reader]:

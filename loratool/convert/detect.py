@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 
 KNOWN = (
     "loratool adapter files, PEFT folders (adapter_config.json + adapter_model.safetensors, or "
-    "a Hub cache layout), kohya LoRA files (lora_down/lora_up/alpha) and diffusers LoRA files "
-    "(PEFT keys, lora_adapter_metadata)"
+    "a Hub cache layout), kohya LoRA files (lora_down/lora_up/alpha), diffusers LoRA files "
+    "(PEFT keys, lora_adapter_metadata) and llama.cpp GGUF LoRA adapters"
 )
 
 
@@ -58,7 +58,7 @@ def _sniff(path: str) -> str | None:
     except OSError:
         return None
     if head[:4] == b"GGUF":
-        return "a GGUF file (loratool writes llama.cpp adapters but does not read them)"
+        return "a GGUF file that is not a llama.cpp LoRA adapter"
     if len(head) == 9:
         (n,) = struct.unpack("<Q", head[:8])
         if n <= size and head[8:9] == b"{":

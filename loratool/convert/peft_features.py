@@ -223,7 +223,9 @@ def _one_dtype(tensors: dict[str, torch.Tensor]) -> None:
 
 def complete(adapter: Adapter, ckpt: Checkpoint) -> list[str]:
     """Fill in what only the base knows (a tokens target's vocabulary); notes for the report."""
-    notes = []
+    from .gguf_read import complete_gguf
+
+    notes = complete_gguf(adapter, ckpt)  # llama.cpp names and Q/K order (convert --base)
     biased = [t for t in adapter.targets.values() if C.PART_BIAS_DELTA in t.parts()]
     for t in biased:
         _bind_bias(t, ckpt)

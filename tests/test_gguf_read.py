@@ -1,0 +1,156 @@
+"""GGUF import (convert/gguf_read.py): ours → GGUF → ours keeps ΔW, the Q/K permutation undone
+with the base's head counts and the file's alpha unfolded; q/k wait for --base; bad files fail
+cleanly; a GGUF written by llama.cpp's own converter imports with PEFT's ΔW (slow)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import loratool
+from loratool.convert.core import convert
+from loratool.errors import LoratoolError
+from loratool.sources import open_adapter
+
+pytest.importorskip("gguf")
+
+LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _peft_adapter(base: Path, out: Path, **config: object) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(init_lora_weights=False, **config)
+    )
+    model.save_pretrained(out)
+
+
+def _assert_same_delta(a: loratool.Adapter, b: loratool.Adapter) -> None:
+    assert sorted(a.targets) == sorted(b.targets)
+    for name, t in a.targets.items():
+        want, got = t.delta(torch.float64), b.targets[name].delta(torch.float64)
+        rel = float((got - want).norm() / want.norm())
+        assert rel <= 1e-6, (name, rel)
+        assert b.targets[name].kind == t.kind
+
+
+def test_ours_to_gguf_and_back_keeps_delta(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    _peft_adapter(
+        tiny_llama_dir,
+        tmp_path / "peft",
+        r=4,
+        lora_alpha=8,
+        use_rslora=True,  # folded scales: the file alpha is unfolded per module on the way back
+        target_modules=[*LLAMA, "embed_tokens"],
+        rank_pattern={"k_proj": 2},
+        alpha_pattern={"layers.1.self_attn.q_proj": 5},
+    )
+    convert(tmp_path / "peft", tmp_path / "a.safetensors")
+    convert(tmp_path / "a.safetensors", tmp_path / "a.gguf", to="gguf", base=tiny_llama_dir)
+    opened = open_adapter(tmp_path / "a.gguf")  # inspect/verify read it without a base
+    assert opened.format == "gguf"
+    with pytest.raises(LoratoolError, match="convert with --base"):
+        convert(tmp_path / "a.gguf", tmp_path / "nobase.safetensors")  # q/k still permuted
+    report = convert(tmp_path / "a.gguf", tmp_path / "b.safetensors", base=tiny_llama_dir)
+    assert report["source_format"] == "gguf"
+    a, b = loratool.load(tmp_path / "a.safetensors"), loratool.load(tmp_path / "b.safetensors")
+    _assert_same_delta(a, b)
+    assert b.binding().fingerprint == a.binding().fingerprint
+    # and GGUF -> PEFT directly
+    convert(tmp_path / "a.gguf", tmp_path / "p", to="peft", base=tiny_llama_dir)
+    convert(tmp_path / "p", tmp_path / "c.safetensors")
+    _assert_same_delta(a, loratool.load(tmp_path / "c.safetensors"))
+
+
+def test_gguf_without_qk_needs_no_base(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    _peft_adapter(tiny_llama_dir, tmp_path / "peft", r=4, lora_alpha=16, target_modules=["v_proj"])
+    convert(tmp_path / "peft", tmp_path / "a.safetensors")
+    convert(tmp_path / "a.safetensors", tmp_path / "a.gguf", to="gguf", base=tiny_llama_dir)
+    convert(tmp_path / "a.gguf", tmp_path / "b.safetensors")
+    a, b = loratool.load(tmp_path / "a.safetensors"), loratool.load(tmp_path / "b.safetensors")
+    _assert_same_delta(a, b)
+    assert {t.alpha for t in b.targets.values()} == {16.0}
+
+
+def _gguf_file(path: Path, tensors: dict[str, torch.Tensor], **kv: object) -> Path:
+    import gguf
+
+    w = gguf.GGUFWriter(path, arch=str(kv.pop("arch", "llama")))
+    w.add_type(str(kv.pop("type", "adapter")))
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", float(kv.pop("alpha", 8.0)))
+    for name, x in tensors.items():
+        w.add_tensor(name, x.numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "code"),
+    [
+        ("model-file", "unknown-format"),
+        ("arch", "gguf-architecture"),
+        ("lone-a", "missing-tensor"),
+        ("rank", "rank-mismatch"),
+        ("name", "gguf-name"),
+        ("not-lora", "unexpected-tensor"),
+    ],
+)
+def test_bad_gguf_adapters_fail_cleanly(tmp_path: Path, case: str, code: str) -> None:
+    a, b = torch.randn(2, 64), torch.randn(64, 2)
+    good = {"blk.0.attn_v.weight.lora_a": a, "blk.0.attn_v.weight.lora_b": b}
+    tensors, kv = dict(good), {}
+    if case == "model-file":
+        kv = {"type": "model"}
+    elif case == "arch":
+        kv = {"arch": "gpt2"}
+    elif case == "lone-a":
+        del tensors["blk.0.attn_v.weight.lora_b"]
+    elif case == "rank":
+        tensors["blk.0.attn_v.weight.lora_b"] = torch.randn(64, 3)
+    elif case == "name":
+        tensors = {k.replace("attn_v", "attn_zz"): v for k, v in good.items()}
+    elif case == "not-lora":
+        tensors["blk.0.attn_v.weight"] = torch.randn(64, 64)
+    path = _gguf_file(tmp_path / "x.gguf", tensors, **kv)
+    with pytest.raises(LoratoolError) as e:
+        open_adapter(path)
+    assert e.value.code == code, e.value
+
+
+LCPP = Path(os.environ.get("LORATOOL_LLAMA_CPP", "/tmp/lcpp/llama.cpp"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (LCPP / "convert_lora_to_gguf.py").is_file(),
+    reason="llama.cpp source (LORATOOL_LLAMA_CPP: the llama-cpp-python sdist's vendor/llama.cpp)",
+)
+def test_llama_cpp_converter_output_imports_with_peft_delta(
+    tmp_path: Path, smollm2_dir: Path
+) -> None:
+    """llama.cpp's own convert_lora_to_gguf.py on a PEFT adapter of SmolLM2 (q/k permuted by
+    its LlamaModel, alpha in the file), read back with --base: PEFT's ΔW for every module."""
+    _peft_adapter(smollm2_dir, tmp_path / "peft", r=8, lora_alpha=16, target_modules=LLAMA)
+    env = {**os.environ, "PYTHONPATH": str(LCPP / "gguf-py"), "NO_LOCAL_GGUF": ""}
+    shutil.copy(smollm2_dir / "config.json", tmp_path / "peft" / "config.json")
+    cmd = [sys.executable, str(LCPP / "convert_lora_to_gguf.py"), str(tmp_path / "peft")]
+    cmd += ["--base", str(smollm2_dir), "--outfile", str(tmp_path / "l.gguf"), "--outtype", "f32"]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=600)
+    convert(tmp_path / "peft", tmp_path / "want.safetensors")
+    convert(tmp_path / "l.gguf", tmp_path / "got.safetensors", base=smollm2_dir)
+    _assert_same_delta(
+        loratool.load(tmp_path / "want.safetensors"), loratool.load(tmp_path / "got.safetensors")
+    )
