@@ -63,3 +63,26 @@ def test_single_file_resolves_diffusers_module_paths() -> None:
     assert ckpt.resolve("mid_block.resnets.1.conv2") == (
         "model.diffusion_model.middle_block.2.out_layers.3.weight"
     )
+
+
+def test_the_image_kinds_fixture_loads_and_validates() -> None:
+    """fixtures/valid/image.safetensors: every image kind, verified, schema-valid, ΔW by kind."""
+    import struct
+
+    jsonschema = pytest.importorskip("jsonschema")
+    import loratool
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    path = fixtures / "valid" / "image.safetensors"
+    adapter = loratool.load(path, verify=True)
+    assert {t.kind for t in adapter.targets.values()} == {"conv2d", "loha", "lokr", "linear"}
+    for t in adapter.targets.values():
+        assert tuple(t.delta().shape) == tuple(t.weight_shape)
+    schema = json.loads((fixtures.parent / "spec" / "metadata.schema.json").read_text())
+    blob = path.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    meta = json.loads(blob[8 : 8 + n])["__metadata__"]
+    jsonschema.Draft202012Validator(schema).validate(meta)
+    targets = {**schema["$defs"]["targets"], "$defs": schema["$defs"]}
+    jsonschema.Draft202012Validator(targets).validate(json.loads(meta["loratool.targets"]))
+    assert json.loads(meta["loratool.requires"]) == ["conv2d", "dora", "loha", "lokr"]

@@ -35,8 +35,18 @@ KERNEL = "kernel"
 MAX_KERNEL = 64  # bounds a hostile header; real kernels are 1×1 to 7×7
 
 
+def coded(bad: Bad, code: str, why: str) -> Exception:
+    """The bad-target error ``bad`` builds (it names the file), under its own rule's code."""
+    error = bad(why)
+    error.code = code  # type: ignore[attr-defined]
+    return error
+
+
 def read_kernel(entry: Mapping[str, Any], bad: Bad, *, required: bool = True) -> tuple[int, ...]:
-    """``kernel: [kh, kw]``: two integers in 1..MAX_KERNEL (absent, when optional: ())."""
+    """``kernel: [kh, kw]``: two integers in 1..MAX_KERNEL (absent, when optional: ()).
+
+    Rule 27 (``bad-kernel``, spec §3.8).
+    """
     raw = entry.get(KERNEL)
     if raw is None and not required:
         return ()
@@ -46,7 +56,8 @@ def read_kernel(entry: Mapping[str, Any], bad: Bad, *, required: bool = True) ->
         or not all(isinstance(k, int) and not isinstance(k, bool) for k in raw)
         or not all(1 <= k <= MAX_KERNEL for k in raw)
     ):
-        raise bad(f"kernel must be [kh, kw] with integers in 1..{MAX_KERNEL}, got {raw!r}")
+        why = f"kernel must be [kh, kw] with integers in 1..{MAX_KERNEL}, got {raw!r}"
+        raise coded(bad, "bad-kernel", why)
     return tuple(raw)
 
 

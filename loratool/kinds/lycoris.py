@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import constants as C
 from .base import Kind
-from .conv import KERNEL, read_kernel
+from .conv import KERNEL, coded, read_kernel
 
 if TYPE_CHECKING:
     import torch
@@ -148,7 +148,8 @@ class LoHa(_Product):
         kernel = read_kernel(entry, bad, required=False)
         tucker = entry.get(TUCKER, False)
         if not isinstance(tucker, bool) or (tucker and not kernel):
-            raise bad("tucker must be true or false, and true only with a kernel")
+            why = "tucker must be true or false, and true only with a kernel"
+            raise coded(bad, "bad-kernel", why)
         return {KERNEL: kernel, TUCKER: tucker}
 
     def entry(self, t: Target) -> dict[str, Any]:
@@ -197,19 +198,21 @@ class LoKr(_Product):
     def read_entry(self, entry: Mapping[str, Any], bad: Bad) -> dict[str, Any]:
         kernel = read_kernel(entry, bad, required=False)
         raw = entry[LOKR_FIELD]
+
+        def fail(why: str) -> Exception:  # rule 28, spec §3.8
+            return coded(bad, "bad-factorization", why)
+
         if not isinstance(raw, dict) or set(raw) != {"a", "b", "c", "d", "w1", "w2"}:
-            raise bad("lokr must be an object with a, b, c, d, w1 and w2")
+            raise fail("lokr must be an object with a, b, c, d, w1 and w2")
         if not all(_is_dim(raw[k]) for k in "abcd"):
-            raise bad(f"lokr.a..d must be integers in 1..{C.MAX_DIM}")
+            raise fail(f"lokr.a..d must be integers in 1..{C.MAX_DIM}")
         if raw["w1"] not in ("full", "factored") or raw["w2"] not in ("full", "factored", TUCKER):
-            raise bad("lokr.w1 must be full or factored; lokr.w2 full, factored or tucker")
+            raise fail("lokr.w1 must be full or factored; lokr.w2 full, factored or tucker")
         if raw["w2"] == TUCKER and not kernel:
-            raise bad("lokr.w2 tucker needs a kernel")
-        if (
-            raw["a"] * raw["b"] != entry["out_features"]
-            or raw["c"] * raw["d"] != entry["in_features"]
-        ):
-            raise bad("lokr.a·b must be out_features and lokr.c·d in_features")
+            raise coded(bad, "bad-kernel", "lokr.w2 tucker needs a kernel")
+        out_f, in_f = entry["out_features"], entry["in_features"]
+        if raw["a"] * raw["b"] != out_f or raw["c"] * raw["d"] != in_f:
+            raise fail("lokr.a·b must be out_features and lokr.c·d in_features")
         return {KERNEL: kernel, LOKR_FIELD: dict(raw)}
 
     def entry(self, t: Target) -> dict[str, Any]:
