@@ -192,3 +192,12 @@ def test_inspect_stats_gives_conv_spectra(locon: dict[str, Path]) -> None:
     text = cli_ok("inspect", str(locon["loratool"]), "--stats", "--json")
     doc = json.loads(text)
     assert "conv1" in text and doc
+
+
+def test_verify_and_inspect_read_lyco_files(tmp_path: Path) -> None:
+    write_loha(tmp_path / "loha.safetensors")
+    result = CliRunner().invoke(cli, ["verify", str(tmp_path / "loha.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert "lycoris.kohya" in result.output and "all values finite" in result.output
+    doc = json.loads(cli_ok("inspect", str(tmp_path / "loha.safetensors"), "--stats", "--json"))
+    assert "loha" in json.dumps(doc)

@@ -63,7 +63,7 @@ def verify_source(path: str | os.PathLike[str]) -> tuple[VerifyReport, str | Non
             )
         )
         for t in adapter.targets.values():
-            for part, x in (("lora_A", t.lora_A), ("lora_B", t.lora_B)):
+            for part, x in t.tensors().items():  # every part its kind names (LoHa, LoKr, …)
                 if not bool(torch.isfinite(x).all()):
                     raise FormatError(
                         f"module '{t.name}' {part} contains NaN or Inf", code="non-finite", where=p
