@@ -201,3 +201,13 @@ def test_verify_and_inspect_read_lyco_files(tmp_path: Path) -> None:
     assert "lycoris.kohya" in result.output and "all values finite" in result.output
     doc = json.loads(cli_ok("inspect", str(tmp_path / "loha.safetensors"), "--stats", "--json"))
     assert "loha" in json.dumps(doc)
+
+
+def test_image_adapters_are_published_for_diffusers(locon: dict[str, Path]) -> None:
+    """push's card says library_name: diffusers for image adapters (diffusers names or kinds)."""
+    from loratool.convert.sd_names import is_image_adapter
+
+    assert is_image_adapter(open_adapter(str(locon["loratool"])).adapter.targets.values())
+    assert is_image_adapter(open_adapter(str(locon["kohya"])).adapter.targets.values())
+    golden = Path(__file__).resolve().parents[1] / "fixtures" / "valid" / "golden.safetensors"
+    assert not is_image_adapter(open_adapter(str(golden)).adapter.targets.values())

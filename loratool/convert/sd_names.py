@@ -184,3 +184,18 @@ def flux_split(parts: tuple[str, ...], out_features: int, hidden: int) -> list[i
             code="shape-mismatch",
         )
     return rows
+
+
+IMAGE_PREFIXES = ("unet.", "transformer.", "lora_unet_", "lora_te", "lycoris_")
+
+
+def is_image_adapter(targets: Iterable[object]) -> bool:
+    """Whether an adapter's targets are an image model's (diffusers names or image kinds)."""
+    from .. import constants as C
+
+    for t in targets:
+        if getattr(t, "kind", None) in C.KINDS_IMAGE:
+            return True
+        if str(getattr(t, "name", "")).startswith(IMAGE_PREFIXES):
+            return True
+    return False

@@ -143,7 +143,11 @@ def push(
     # library_name picks the Hub's integration: "peft" counts downloads by adapter_config.json and
     # shows a "Use in PEFT" snippet built from it, so without the PEFT files it would advertise a
     # snippet that cannot work; "loratool" then says which tool reads the repo.
-    library_name = "peft" if peft else "loratool"
+    # An image model's adapter (diffusers names, conv/LoHa/LoKr kinds) is loaded with diffusers.
+    from ..convert.sd_names import is_image_adapter
+
+    image = is_image_adapter(adapter.targets.values())
+    library_name = "diffusers" if image else "peft" if peft else "loratool"
 
     ep = resolve_endpoint(endpoint)
     if is_offline():
@@ -175,8 +179,14 @@ def push(
             from ..convert.peft import write_peft
 
             peft_dir = tmp / "peft"
+            lyco = [t.kind in ("loha", "lokr") for t in adapter.targets.values()]
             try:
-                write_peft(adapter, peft_dir, force=True, base_model=hub_id, task_type=task)
+                if lyco and all(lyco):  # a PEFT LoHaConfig/LoKrConfig folder
+                    from ..convert.peft_lycoris import write_peft_lycoris
+
+                    write_peft_lycoris(adapter, peft_dir, force=True)
+                else:
+                    write_peft(adapter, peft_dir, force=True, base_model=hub_id, task_type=task)
             except LoratoolError as e:
                 e.hint = (e.hint + "; " if e.hint else "") + "or push with --no-peft"
                 raise
