@@ -5,7 +5,6 @@ cleanly; a GGUF written by llama.cpp's own converter imports with PEFT's ΔW (sl
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -142,10 +141,14 @@ def test_llama_cpp_converter_output_imports_with_peft_delta(
     tmp_path: Path, smollm2_dir: Path
 ) -> None:
     """llama.cpp's own convert_lora_to_gguf.py on a PEFT adapter of SmolLM2 (q/k permuted by
-    its LlamaModel, alpha in the file), read back with --base: PEFT's ΔW for every module."""
+    its LlamaModel, alpha in the file), read back with --base: PEFT's ΔW for every module.
+
+    Set up: ``pip download --no-deps --no-binary :all: llama-cpp-python`` (0.3.36 tested), unpack,
+    point LORATOOL_LLAMA_CPP at its vendor/llama.cpp (it needs only torch, transformers, numpy).
+    """
     _peft_adapter(smollm2_dir, tmp_path / "peft", r=8, lora_alpha=16, target_modules=LLAMA)
-    env = {**os.environ, "PYTHONPATH": str(LCPP / "gguf-py"), "NO_LOCAL_GGUF": ""}
-    shutil.copy(smollm2_dir / "config.json", tmp_path / "peft" / "config.json")
+    # its own gguf-py and conversion package, as llama.cpp runs it
+    env = {**os.environ, "PYTHONPATH": f"{LCPP / 'gguf-py'}{os.pathsep}{LCPP}"}
     cmd = [sys.executable, str(LCPP / "convert_lora_to_gguf.py"), str(tmp_path / "peft")]
     cmd += ["--base", str(smollm2_dir), "--outfile", str(tmp_path / "l.gguf"), "--outtype", "f32"]
     subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=600)
