@@ -253,3 +253,32 @@ def test_diffusers_fuse_lora_equals_loratool_merge(tmp_path: Path) -> None:
     run_cli("unmerge", str(tmp_path / "ms"), a, "-o", str(tmp_path / "back"))
     orig, back = Checkpoint(sharded), Checkpoint(tmp_path / "back")
     assert all(orig.read_bytes(k) == back.read_bytes(k) for k in orig.entries)
+
+
+@pytest.mark.slow
+def test_diffusers_loads_what_loratool_writes(tmp_path: Path) -> None:
+    """convert --to diffusers, then diffusers' own loader + fuse_lora = loratool's merge."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin as Loader
+    from safetensors.torch import load_file
+
+    unet = _unet()
+    _kohya_locon(unet, tmp_path / "locon.safetensors")
+    a, d = str(tmp_path / "a.safetensors"), str(tmp_path / "d.safetensors")
+    run_cli(
+        "convert",
+        str(tmp_path / "locon.safetensors"),
+        "-o",
+        a,
+        "--base",
+        str(image_models.unet_dir()),
+    )
+    run_cli("convert", a, "-o", d, "--to", "diffusers")
+    # what pipeline.load_lora_weights does: the header's LoRA config comes along
+    state, alphas, metadata = Loader.lora_state_dict(d, return_lora_metadata=True)
+    Loader.load_lora_into_unet(state, alphas, unet=unet, metadata=metadata)
+    unet.fuse_lora(lora_scale=1.0)
+    unet.unload_lora()
+    run_cli("merge", str(image_models.unet_dir()), a, "-o", str(tmp_path / "m"))
+    got = load_file(str(tmp_path / "m" / "diffusion_pytorch_model.safetensors"))
+    ref = unet.state_dict()
+    assert max(float((got[k] - ref[k]).abs().max()) for k in ref) <= 1e-5

@@ -211,3 +211,15 @@ def test_image_adapters_are_published_for_diffusers(locon: dict[str, Path]) -> N
     assert is_image_adapter(open_adapter(str(locon["kohya"])).adapter.targets.values())
     golden = Path(__file__).resolve().parents[1] / "fixtures" / "valid" / "golden.safetensors"
     assert not is_image_adapter(open_adapter(str(golden)).adapter.targets.values())
+
+
+def test_diffusers_file_round_trips(locon: dict[str, Path]) -> None:
+    out = locon["dir"] / "diffusers.safetensors"
+    cli_ok("convert", str(locon["loratool"]), "-o", str(out), "--to", "diffusers")
+    opened = open_adapter(str(out))
+    assert opened.format == "diffusers"
+    want = deltas(locon["loratool"])
+    got = {n.partition(".")[2]: t.delta(torch.float64) for n, t in opened.adapter.targets.items()}
+    assert set(got) == set(want)
+    for name, d in want.items():
+        assert close(got[name], d, 1e-7)

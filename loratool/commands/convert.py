@@ -14,12 +14,12 @@ from ..console import emit_json, human_bytes, info
     "--output",
     "dst",
     required=True,
-    help="Where to write: a file (loratool, kohya, gguf) or a folder (peft).",
+    help="Where to write: a file (loratool, kohya, gguf, diffusers) or a folder (peft).",
 )
 @click.option(
     "--to",
     "to",
-    type=click.Choice(["loratool", "peft", "kohya", "gguf"]),
+    type=click.Choice(["loratool", "peft", "kohya", "gguf", "diffusers"]),
     default="loratool",
     show_default=True,
     help="Output format.",

@@ -26,7 +26,7 @@ from .detect import open_source
 if TYPE_CHECKING:
     from ..checkpoint import Checkpoint
 
-TARGET_FORMATS = ("loratool", "peft", "kohya", "gguf")
+TARGET_FORMATS = ("loratool", "peft", "kohya", "gguf", "diffusers")
 DTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
 SOURCE_FILE = "loratool_source.json"  # written beside the weights by fixtures/models.py
 
@@ -326,7 +326,7 @@ def convert(
     if opened.format != "loratool" and isinstance(source, dict):
         notes += [str(n) for n in source.get("notes", [])]
     base_info = None
-    if base is None and to in ("peft", "gguf"):
+    if base is None and to in ("peft", "gguf", "diffusers"):
         kohya = [n for n in adapter.targets if naming.is_kohya_name(n)]
         if kohya:
             raise UsageError(
@@ -367,6 +367,10 @@ def convert(
         from .peft_write import write_peft
 
         write_peft(adapter, out, force=force, task_type=_task_type(base))
+    elif to == "diffusers":
+        from .diffusers_write import write_diffusers
+
+        write_diffusers(adapter, out, force=force)
     elif to == "kohya":
         from .kohya import write_kohya_notes
 
