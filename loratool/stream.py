@@ -14,7 +14,9 @@ size, as the safetensors library lays files out), ``plan_shards`` / ``shard_name
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import errno
 import json
 import os
 import struct
@@ -175,10 +177,11 @@ class SafetensorsWriter:
         self._parts: dict[str, list[tuple[int, int]]] = {}  # byte ranges written so far
         self._copy_range = hasattr(os, "copy_file_range")
         self._drop_cache = drop_cache and _ADVISE
-        self.fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             self._pwrite(memoryview(self.head), 0)
             os.ftruncate(self.fd, self.size)
+            _reserve(self.fd, self.size)
         except BaseException:
             self._abort()
             raise
@@ -203,10 +206,8 @@ class SafetensorsWriter:
                 f"tensor '{name}': bytes {offset}..{offset + nbytes} "
                 f"outside its {end - begin} bytes"
             )
-        parts = self._parts.setdefault(name, [])
-        if any(offset < b and a < offset + nbytes for a, b in parts):
-            raise ValueError(f"tensor '{name}': bytes {offset}..{offset + nbytes} written twice")
-        parts.append((offset, offset + nbytes))
+        if nbytes:
+            _claim(self._parts.setdefault(name, []), offset, offset + nbytes, name)
         return len(self.head) + begin + offset
 
     def _done(self, name: str, pos: int, nbytes: int) -> None:
@@ -265,6 +266,12 @@ class SafetensorsWriter:
         self._pwrite(memoryview(data), dst)
         return len(data)
 
+    def read_back(self, name: str) -> bytes:
+        """The bytes written so far for tensor ``name`` (for a rare error path's diagnosis)."""
+        assert self.fd is not None, "writer is closed"
+        begin, end = self.offsets[name]
+        return os.pread(self.fd, end - begin, len(self.head) + begin)
+
     def _check_dtype(self, name: str, data: Any) -> None:
         if isinstance(data, bytes | bytearray | memoryview):
             return  # raw bytes: the size check is all we can do
@@ -318,6 +325,35 @@ class SafetensorsWriter:
             self.close()
         else:
             self._abort()
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Allocate the file's blocks now: a full disk fails here, before any tensor is computed
+    (``ENOSPC``/``EDQUOT``/``EFBIG``, which ``loratool._io`` reports as disk-full), not midway;
+    and the blocks come out contiguous. Filesystems without ``fallocate`` just skip it."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+
+
+def _claim(parts: list[tuple[int, int]], a: int, b: int, name: str) -> None:
+    """Add byte range [a, b) to ``parts`` (sorted, disjoint, touching ranges joined) or refuse
+    an overlap: O(log n) per part, so a weight written in thousands of blocks stays cheap."""
+    i = bisect.bisect_left(parts, (a, a))
+    if (i and parts[i - 1][1] > a) or (i < len(parts) and parts[i][0] < b):
+        raise ValueError(f"tensor '{name}': bytes {a}..{b} written twice")
+    if i and parts[i - 1][1] == a:  # extends the range before (the usual, sequential case)
+        a = parts[i - 1][0]
+        i -= 1
+        del parts[i]
+    if i < len(parts) and parts[i][0] == b:
+        b = parts[i][1]
+        del parts[i]
+    parts.insert(i, (a, b))
 
 
 # -- sharding -------------------------------------------------------------------------------------

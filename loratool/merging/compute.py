@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..errors import FormatError
 from ..stream import byte_view
-from .delta import apply_delta, as2d, check_finite, delta_factors, int_view, target_report
+from .delta import (
+    DeltaBlocks,
+    DeltaResult,
+    apply_delta,
+    as2d,
+    check_finite,
+    delta_factors,
+    int_view,
+    target_report,
+)
 from .dense import compute_dense, needs_dense
 from .inputs import MemoryCheckpoint
 from .plan import Job
@@ -53,14 +64,29 @@ def compute_job(
     if needs_dense(job):  # spec 1.1 features and whole tensors (dense.py)
         res = compute_dense(job, W, out, ctx, outcome)
     else:
-        left, right = delta_factors(job, ctx.device, torch.float64 if ctx.precise else torch.float32)
+        left, right = delta_factors(
+            job, ctx.device, torch.float64 if ctx.precise else torch.float32
+        )
         res = apply_delta(
             as2d(W), left, right, as2d(out), roundtrip=ctx.roundtrip, collect=ctx.collect
         )
     check_finite(job, W, out, res, ctx.where)
+    record(job, res, out, ctx, outcome)
+
+
+def record(
+    job: Job, res: DeltaResult, out: torch.Tensor | None, ctx: Context, outcome: Outcome
+) -> None:
+    """File one finished job's report (and its sidecar part), after applying the sidecar's
+    corrections to ``out``: ``None`` for a weight already streamed out block by block, which
+    the pipeline does only where there are none (merges, and unmerges without a sidecar)."""
+    import torch
+
     rep = target_report(job, res, ctx.names)
     fix = ctx.corrections(job.key)
     if fix is not None:
+        if out is None:
+            raise RuntimeError(f"'{job.key}': corrections for a weight streamed in blocks")
         idx, val = fix
         n = out.numel()
         if (
@@ -85,6 +111,73 @@ def compute_job(
             outcome.spool.add(job.key, res.index, res.value)
         else:
             outcome.sidecar_parts.append((job.key, res.index, res.value))
+
+
+def compute_in_blocks(
+    job: Job,
+    read: Callable[[memoryview, int], None],
+    write: Callable[[int, torch.Tensor], None],
+    reread: Callable[[], tuple[torch.Tensor, bytes]],
+    ctx: Context,
+    outcome: Outcome,
+) -> None:
+    """A CPU low-rank job one block of rows at a time: ``read(bytes, offset)`` fills a block
+    from the base weight, ``write(offset, block)`` stores its result (offsets in bytes into the
+    tensor), ``reread()`` gives the whole base weight and result bytes, only to tell a NaN/Inf in
+    the base from an overflow. No sidecar corrections here (``record``).
+
+    A block (a few hundred KB) is still in this core's cache when it is written out, so the
+    weight's bytes cross memory once in and once out, as in a copy, and memory holds a few
+    blocks, not the weight: a 7B model merges in the memory of a small one. The blocks are
+    ``apply_delta``'s, so the bits and the sums are the same.
+    """
+    import torch
+
+    from ..checkpoint import torch_dtype_of
+
+    left, right = delta_factors(job, "cpu", torch.float64 if ctx.precise else torch.float32)
+    rows = job.shape[0] if len(job.shape) > 1 else 1
+    cols = math.prod(job.shape) // max(rows, 1)
+    in_dt, out_dt = torch_dtype_of(job.in_dtype), torch_dtype_of(job.out_dtype)
+    cpu = torch.device("cpu")
+    blocks = DeltaBlocks(
+        left, right, in_dt, out_dt, cpu, roundtrip=ctx.roundtrip, collect=ctx.collect
+    )
+    wbuf = _block_buffer("in", blocks.step * cols, in_dt)
+    obuf = wbuf if in_dt == out_dt else _block_buffer("out", blocks.step * cols, out_dt)
+    digest = hashlib.sha256() if ctx.hash_in else None
+    for i in range(0, rows, blocks.step):
+        k = min(blocks.step, rows - i)
+        wb, ob = wbuf[: k * cols].view(k, cols), obuf[: k * cols].view(k, cols)
+        read(byte_view(wb), i * cols * in_dt.itemsize)
+        if digest is not None:
+            digest.update(byte_view(wb))
+        blocks.add(i, wb, ob)  # in place when the dtype stays
+        write(i * cols * out_dt.itemsize, ob)
+    res = blocks.result()
+    if digest is not None:
+        outcome.hashes[job.key] = digest.hexdigest()
+    if not all(math.isfinite(x) for x in res.sums):
+        W, data = reread()
+        out = torch.frombuffer(bytearray(data), dtype=out_dt).view(job.shape)
+        check_finite(job, W, out, res, ctx.where)
+    record(job, res, None, ctx, outcome)
+
+
+_local = threading.local()  # per thread: its block buffers (_block_buffer)
+
+
+def _block_buffer(slot: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """This thread's reusable buffer of ``n`` elements (no allocation, no page faults, per job)."""
+    import torch
+
+    bufs: dict[str, torch.Tensor] | None = getattr(_local, "blocks", None)
+    if bufs is None:
+        bufs = _local.blocks = {}
+    nbytes = n * dtype.itemsize
+    if slot not in bufs or bufs[slot].numel() < nbytes:
+        bufs[slot] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+    return bufs[slot][:nbytes].view(dtype)
 
 
 def sha256_of(t: torch.Tensor) -> str:

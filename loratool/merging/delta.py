@@ -94,71 +94,113 @@ def apply_delta(
     ``round_W(out − left @ right)`` — the very operations unmerge performs — and counts
     (``collect``: gathers) the elements where that differs from W's bits.
     """
-    import torch
+    rows = W.shape[0]
+    blocks = DeltaBlocks(
+        left, right, W.dtype, out.dtype, W.device, roundtrip=roundtrip, collect=collect
+    )
+    for i in range(0, rows, blocks.step):
+        k = min(blocks.step, rows - i)
+        blocks.add(i, W[i : i + k], out[i : i + k])
+    return blocks.result()
 
-    rows, cols = W.shape
-    dev = W.device
-    cdt = torch.float64 if torch.float64 in (W.dtype, out.dtype) else torch.float32
-    step = rows if dev.type != "cpu" else max(1, _BLOCK // max(cols, 1))
-    step = max(1, min(step, rows))
 
-    scratch = _scratch(dev) if dev.type == "cpu" else None
+class DeltaBlocks:
+    """``apply_delta`` one block of rows at a time, in any order, with the sums kept across.
 
-    def buf(slot: str, dtype: torch.dtype) -> torch.Tensor:
-        n = step * cols * dtype.itemsize
-        if scratch is None:
-            return torch.empty(step, cols, dtype=dtype, device=dev)
+    The streaming pipeline reads, merges and writes a weight block by block through this, so a
+    weight never has to be in memory whole; ``step`` (rows per block) is the same as
+    ``apply_delta``'s, so both give the same bits and the same sums.
+    """
+
+    def __init__(
+        self,
+        left: torch.Tensor,
+        right: torch.Tensor,
+        w_dtype: torch.dtype,
+        out_dtype: torch.dtype,
+        device: torch.device,
+        *,
+        roundtrip: bool = False,
+        collect: bool = False,
+    ) -> None:
+        import torch
+
+        rows, cols = left.shape[0], right.shape[1]
+        self.left, self.right, self.cols, self.device = left, right, cols, device
+        self.cdt = torch.float64 if torch.float64 in (w_dtype, out_dtype) else torch.float32
+        step = rows if device.type != "cpu" else max(1, _BLOCK // max(cols, 1))
+        self.step = max(1, min(step, rows))
+        self._scratch = _scratch(device) if device.type == "cpu" else None
+        self.prod = self._buf("prod", left.dtype)
+        self.d = self.prod if left.dtype == self.cdt else self._buf("d", self.cdt)
+        self.w, self.r = self._buf("w", self.cdt), self._buf("r", self.cdt)
+        self.r2 = self._buf("r2", self.cdt) if roundtrip else None
+        self.back = self._buf("back", w_dtype) if roundtrip else None
+        self.w_dtype, self.collect = w_dtype, collect
+        self.sums: list[list[torch.Tensor]] = [[], []]  # fp32 block dots, summed in fp64 at the end
+        self.res = DeltaResult([0.0, 0.0, 0.0])
+        self.idx_parts: list[torch.Tensor] = []
+        self.val_parts: list[torch.Tensor] = []
+
+    def _buf(self, slot: str, dtype: torch.dtype) -> torch.Tensor:
+        import torch
+
+        n = self.step * self.cols * dtype.itemsize
+        if self._scratch is None:
+            return torch.empty(self.step, self.cols, dtype=dtype, device=self.device)
+        scratch = self._scratch
         if slot not in scratch or scratch[slot].numel() < n:
             scratch[slot] = torch.empty(max(n, _BLOCK * 8), dtype=torch.uint8)
-        return scratch[slot][:n].view(dtype).view(step, cols)
+        return scratch[slot][:n].view(dtype).view(self.step, self.cols)
 
-    prod = buf("prod", left.dtype)
-    d = prod if left.dtype == cdt else buf("d", cdt)
-    w, r = buf("w", cdt), buf("r", cdt)
-    r2 = buf("r2", cdt) if roundtrip else None
-    back = buf("back", W.dtype) if roundtrip else None
-    # ``out`` may be ``W`` itself (the streaming pipeline merges in place): each block of W is
-    # upcast before its result overwrites it, and the round-trip check compares against a copy.
-    alias = out.data_ptr() == W.data_ptr() and W.numel() > 0
-    orig = buf("orig", W.dtype) if roundtrip and alias else None
-    sums: list[list[torch.Tensor]] = [[], []]  # fp32 block dots, summed in fp64 at the end
-    res = DeltaResult([0.0, 0.0, 0.0])
-    idx_parts: list[torch.Tensor] = []
-    val_parts: list[torch.Tensor] = []
-    for i in range(0, rows, step):
-        k = min(step, rows - i)
-        wb, ob, dd, ww, rr = W[i : i + k], out[i : i + k], d[:k], w[:k], r[:k]
-        torch.mm(left[i : i + k], right, out=prod[:k])
+    def add(self, i: int, wb: torch.Tensor, ob: torch.Tensor) -> None:
+        """``ob ← round(wb + left[i:i+k] @ right)`` for the ``k = len(wb)`` rows from row ``i``.
+
+        ``ob`` may be ``wb`` itself (merging in place): the block is upcast before its result
+        overwrites it, and the round-trip check compares against a copy.
+        """
+        import torch
+
+        k = wb.shape[0]
+        prod, dd, ww, rr = self.prod, self.d[:k], self.w[:k], self.r[:k]
+        torch.mm(self.left[i : i + k], self.right, out=prod[:k])
         if dd.data_ptr() != prod.data_ptr():
             dd.copy_(prod[:k])  # the one rounding of the product, fp64 → fp32
         rv = rr.view(-1)
         ww.copy_(wb)  # exact upcast (mixed-dtype arithmetic is slow on the CPU)
-        if orig is not None:
-            wb = orig[:k].copy_(wb)  # W's bits, before ob (the same memory) overwrites them
+        if self.back is not None and ob.data_ptr() == wb.data_ptr() and wb.numel():
+            wb = self._buf("orig", self.w_dtype)[:k].copy_(wb)  # W's bits, before ob overwrites
         torch.add(ww, dd, out=rr)  # one fp32 add
         ob.copy_(rr)  # the one rounding to the output dtype
         rr.copy_(ob)
-        if r2 is not None and back is not None:
-            bb = back[:k]
-            torch.sub(rr, dd, out=r2[:k])  # what unmerge computes, then its rounding
-            bb.copy_(r2[:k])
-            _misses(bb, wb, i * cols, res, idx_parts if collect else None, val_parts)
+        if self.r2 is not None and self.back is not None:
+            bb = self.back[:k]
+            torch.sub(rr, dd, out=self.r2[:k])  # what unmerge computes, then its rounding
+            bb.copy_(self.r2[:k])
+            parts = self.idx_parts if self.collect else None
+            _misses(bb, wb, i * self.cols, self.res, parts, self.val_parts)
         rr.sub_(ww)  # W' − W, exact in the common case (Sterbenz)
-        sums[0].append(torch.dot(rv, rv))
+        self.sums[0].append(torch.dot(rv, rv))
         rr.sub_(dd)
-        sums[1].append(torch.dot(rv, rv))
-    # ‖L·R‖² = Σ (LᵀL) ∘ (RRᵀ): exact in fp64 from the r×r Gram matrices, no dense pass
-    l64, r64 = left.double(), right.double()
-    norms = [((l64.t() @ l64) * (r64 @ r64.t())).sum()]
-    if rows:
-        norms += [torch.stack(x).double().sum() for x in sums]
-    else:
-        norms += [torch.zeros((), dtype=torch.float64, device=dev)] * 2
-    res.sums = torch.stack(norms).tolist()
-    if idx_parts:
-        res.index = torch.cat(idx_parts)
-        res.value = torch.cat(val_parts)
-    return res
+        self.sums[1].append(torch.dot(rv, rv))
+
+    def result(self) -> DeltaResult:
+        """The sums (in block order: call once every block is added) and the gathered misses."""
+        import torch
+
+        # ‖L·R‖² = Σ (LᵀL) ∘ (RRᵀ): exact in fp64 from the r×r Gram matrices, no dense pass
+        l64, r64 = self.left.double(), self.right.double()
+        norms = [((l64.t() @ l64) * (r64 @ r64.t())).sum()]
+        if self.sums[0]:
+            norms += [torch.stack(x).double().sum() for x in self.sums]
+        else:
+            norms += [torch.zeros((), dtype=torch.float64, device=self.device)] * 2
+        res = self.res
+        res.sums = torch.stack(norms).tolist()
+        if self.idx_parts:
+            res.index = torch.cat(self.idx_parts)
+            res.value = torch.cat(self.val_parts)
+        return res
 
 
 _local = threading.local()  # per thread: its CPU scratch buffers (_scratch)

@@ -28,8 +28,9 @@ from typing import TYPE_CHECKING, Any
 from ..checkpoint import ALL_DTYPES, Checkpoint
 from ..errors import FormatError
 from ..stream import SafetensorsWriter, TensorSpec, aligned_order, byte_view
-from .compute import Context, Outcome, compute_job, sha256_of
+from .compute import Context, Outcome, compute_in_blocks, compute_job, sha256_of
 from .delta import DeltaResult, check_finite
+from .dense import needs_dense
 from .plan import Job, job_nbytes
 from .report import ProgressEvent
 
@@ -144,7 +145,9 @@ def _stream_files(
     cuda = ctx.device == "cuda"
     workers = _workers()
     order = [name for shard in base.shards for name in base.shard_tensors[shard]]
-    targeted = [name for name in order if jobs[name].targeted]
+    blockwise = {n for n in order if jobs[n].targeted and _blockwise(jobs[n], ctx)}
+    targeted = [n for n in order if jobs[n].targeted and n not in blockwise]
+    queued = threading.BoundedSemaphore(2 * workers)  # blockwise jobs submitted, not yet done
     biggest_in = max((job_nbytes(jobs[n], jobs[n].in_dtype) for n in targeted), default=1)
     biggest_out = max((job_nbytes(jobs[n], jobs[n].out_dtype) for n in targeted), default=1)
     in_pool = _Pool(workers + 1, biggest_in, pin=cuda)
@@ -227,7 +230,10 @@ def _stream_files(
             open_shards.append((w, tasks))
             for name in names:
                 job = jobs[name]
-                if job.targeted:
+                if name in blockwise:
+                    queued.acquire()  # bounds the queue, so progress follows the work
+                    tasks.append(pool.submit(_in_blocks, w, job, base, ctx, outcome, queued))
+                elif job.targeted:
                     W, buf, digest = reads.popleft().result()
                     read_ahead()
                     if digest is not None:
@@ -276,6 +282,38 @@ def _finish(w: SafetensorsWriter, tasks: list[Future[None]]) -> None:
         w.abort()  # popped from open_shards already: nobody else will close it
         raise
     w.close()
+
+
+def _blockwise(job: Job, ctx: Context) -> bool:
+    """Whether a job streams block by block (``_in_blocks``): CPU low-rank jobs without sidecar
+    corrections (those come with ``hash_out``); dense ones need whole tensors, CUDA big ones."""
+    return ctx.device == "cpu" and not ctx.hash_out and not needs_dense(job)
+
+
+def _in_blocks(
+    w: SafetensorsWriter,
+    job: Job,
+    base: Checkpoint,
+    ctx: Context,
+    outcome: Outcome,
+    queued: threading.BoundedSemaphore,
+) -> None:
+    """``compute_in_blocks`` from ``base``'s file into ``w``'s, one page-cache writer at a time."""
+
+    def read(view: memoryview, offset: int) -> None:
+        base.read_into(job.key, view, offset=offset)
+
+    def write(offset: int, block: torch.Tensor) -> None:
+        with _WRITE:
+            w.write_part(job.key, offset, block)
+
+    def reread() -> tuple[torch.Tensor, bytes]:
+        return base.read(job.key), w.read_back(job.key)
+
+    try:
+        compute_in_blocks(job, read, write, reread, ctx, outcome)
+    finally:
+        queued.release()
 
 
 def _workers() -> int:
