@@ -215,3 +215,23 @@ def test_peft_trained_biases_convert_and_merge(
     loratool.merge(tiny_bert_dir, [tmp_path / "a.safetensors"], tmp_path / "merged")
     merged = AutoModel.from_pretrained(tmp_path / "merged").eval()
     assert float((_out(merged, inputs) - ref).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["dora", "tokens", "modules-to-save", "bias-all"])
+def test_attach_applies_every_part_unmerged(
+    case: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """``attach`` puts a saved 1.1 adapter back on a fresh model with the trained outputs."""
+    fixture, options = CASES[case]
+    base = Path(request.getfixturevalue(fixture))
+    torch.manual_seed(0)
+    model = _model(base)
+    lora.inject(model, rank=4, alpha=8, **options)
+    with torch.no_grad():
+        for p in lora.lora_parameters(model).values():
+            p.add_(torch.randn_like(p) * 0.1)
+    inputs = _inputs(model)
+    ref = _out(model.eval(), inputs)
+    fresh = _model(base)
+    lora.attach(fresh, lora.extract_adapter(model))
+    assert float((_out(fresh.eval(), inputs) - ref).abs().max()) <= 1e-6

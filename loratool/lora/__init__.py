@@ -17,11 +17,11 @@ This package imports torch at the top: ``import loratool`` never imports it (it 
 
 from __future__ import annotations
 
+from .attaching import attach
 from .extraction import SOURCE_FILE, extract_adapter, hub_id_for, remove
 from .injection import (
     ALL_LINEAR,
     InjectionReport,
-    attach,
     inject,
     load_factors,
     lora_layers,

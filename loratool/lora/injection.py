@@ -1,4 +1,4 @@
-"""Putting LoRA layers on a model: ``inject`` fresh ones for training, ``attach`` a saved adapter.
+"""Putting LoRA layers on a model: ``inject`` fresh ones for training (``attaching``: a saved one).
 
 Targets follow PEFT's ``target_modules`` rules; which modules can be wrapped, and how, is the kind
 registry's answer (loratool/kinds), not a list kept here.
@@ -175,7 +175,7 @@ def inject(
         set_module(model, name, layer)
     for name in saved:
         set_module(model, name, saved_copy(model.get_submodule(name)))
-    _wrap_tokens(model, tokens)
+    wrap_tokens(model, tokens)
     if bias == "all":
         _shift_biases(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -257,7 +257,7 @@ def _token_modules(
     return out
 
 
-def _wrap_tokens(model: nn.Module, tokens: Mapping[str, list[int]]) -> None:
+def wrap_tokens(model: nn.Module, tokens: Mapping[str, list[int]]) -> None:
     head = _output_head(model)
     head_name = next((n for n, m in model.named_modules() if m is head and n), None)
     for name, idx in tokens.items():
@@ -335,41 +335,3 @@ def load_factors(model: nn.Module, adapter: Adapter) -> None:
                 raise UsageError(f"target '{name}' has other rank/alpha", code="target-mismatch")
             layer.lora_A.copy_(t.lora_A)
             layer.lora_B.copy_(t.lora_B)
-
-
-def attach(model: nn.Module, adapter: Adapter) -> InjectionReport:
-    """Wrap each of the adapter's target modules in a LoraLayer holding its factors (unmerged).
-
-    Each target keeps its own rank, alpha and scale rule. The factors are copied in fp32 to the
-    device of the weight they adapt; the rest of the model is frozen as ``inject`` leaves it.
-    """
-    for p in model.parameters():
-        p.requires_grad_(False)
-    kinds: dict[str, int] = {}
-    for name, t in adapter.targets.items():
-        try:
-            base = model.get_submodule(name)
-        except AttributeError:
-            raise UsageError(
-                f"the model has no module '{name}'",
-                code="missing-module",
-                hint="the adapter was made for another base model",
-            ) from None
-        kind = kind_of(base)
-        w = getattr(base, "weight", None)
-        if kind != t.kind or not isinstance(w, torch.Tensor) or tuple(w.shape) != t.weight_shape:
-            raise UsageError(
-                f"module '{name}' is not a {t.kind} of shape {list(t.weight_shape)}",
-                code="shape-mismatch",
-            )
-        layer = LoraLayer(base, rank=t.rank, alpha=t.alpha, rslora=t.scale_rule == C.SCALE_RSLORA)
-        with torch.no_grad():
-            layer.lora_A.copy_(t.lora_A)
-            layer.lora_B.copy_(t.lora_B)
-        kinds[t.kind] = kinds.get(t.kind, 0) + 1
-        set_module(model, name, layer)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return InjectionReport(
-        modules=list(adapter.targets), trainable_params=trainable, all_params=total, kinds=kinds
-    )
