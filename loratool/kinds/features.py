@@ -74,7 +74,6 @@ FEATURE_REFUSALS: dict[str, dict[str, str]] = {
         "combine": "DoRA magnitudes do not add: a weighted sum of DoRA adapters has no exact form",
         "gguf": "llama.cpp LoRA adapters have no DoRA magnitude",
         "diffusers": "diffusers files carry DoRA only through PEFT; convert --to peft",
-        "attach": "the training and serving layers apply plain LoRA only; merge the adapter",
         "serve": "the server applies plain LoRA only; merge the adapter into the base",
     },
     C.FEATURE_LORA_BIAS: {
@@ -88,7 +87,6 @@ FEATURE_REFUSALS: dict[str, dict[str, str]] = {
         "kohya": _NO_KOHYA.format(what="bias deltas"),
         "gguf": "llama.cpp LoRA adapters have no bias deltas",
         "diffusers": "diffusers LoRA files have no bias deltas; convert --to peft",
-        "attach": "the training and serving layers apply no bias deltas",
         "serve": "the server applies no bias deltas; merge the adapter into the base",
     },
 }

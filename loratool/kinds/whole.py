@@ -32,7 +32,6 @@ WHOLE_REFUSALS: dict[str, str] = {
     "kohya": f"kohya LoRA files hold no {_WHOLE}",
     "gguf": f"llama.cpp LoRA adapters hold no {_WHOLE}",
     "diffusers": f"diffusers LoRA files hold no {_WHOLE}; convert --to peft",
-    "attach": f"the training and serving layers do not swap in {_WHOLE}; merge the adapter",
     "serve": f"the server does not swap in {_WHOLE}; merge the adapter into the base",
 }
 
