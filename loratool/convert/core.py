@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +21,7 @@ from ..adapter import Adapter, BaseBinding, Target
 from ..errors import CompatibilityError, UsageError
 from . import naming
 from .detect import open_source
+from .pipeline import kohya_resolver, split_flux
 
 if TYPE_CHECKING:
     from ..checkpoint import Checkpoint
@@ -57,55 +57,11 @@ def base_identity(base: str | os.PathLike[str]) -> tuple[str | None, str | None]
     return hub_id, revision
 
 
-def _base_modules(ckpt: Checkpoint, *, conv: bool = False) -> list[str]:
-    dims = (2, 4) if conv else (2,)
-    keys = [k for k, e in ckpt.entries.items() if len(e.info.shape) in dims]
-    keys += [k for k, v in ckpt.aliases().items() if len(ckpt.shape(v)) in dims]
-    return [k[: -len(".weight")] for k in keys if k.endswith(".weight")]
-
-
-def _image_base(ckpt: Checkpoint) -> bool:
-    """A diffusers model folder, a pipeline folder or an SD single file: image-model names."""
-    from ..checkpoint import DIFFUSERS_INDEX_NAME, DIFFUSERS_SINGLE_NAME
-    from .pipeline import PipelineCheckpoint
-
-    names = {p.name for p in ckpt.shards}
-    return (
-        isinstance(ckpt, PipelineCheckpoint)
-        or bool(ckpt.aliases())
-        or DIFFUSERS_SINGLE_NAME in names
-        or ckpt.index_name == DIFFUSERS_INDEX_NAME
-    )
-
-
-def _kohya_resolver(ckpt: Checkpoint) -> Callable[[str], str]:
-    """kohya name → module path: per component for image bases (sd_names), else naming's."""
-    from . import sd_names
-    from .pipeline import PipelineCheckpoint
-
-    if not _image_base(ckpt):
-        index = naming.kohya_index(_base_modules(ckpt))
-        return lambda name: naming.resolve_kohya(name, index, where=str(ckpt.path))
-    if isinstance(ckpt, PipelineCheckpoint):
-        indexes = {
-            c: sd_names.underscored_index(_base_modules(sub, conv=True))
-            for c, sub in ckpt.components.items()
-        }
-    else:
-        indexes = {"": sd_names.underscored_index(_base_modules(ckpt, conv=True))}
-
-    def resolve(name: str) -> str:
-        component, module = sd_names.resolve(name, indexes, where=str(ckpt.path))
-        return f"{component}.{module}" if component else module
-
-    return resolve
-
-
 def _map_kohya_names(adapter: Adapter, ckpt: Checkpoint, notes: list[str]) -> Adapter:
     kohya = [n for n in adapter.targets if naming.is_kohya_name(n)]
     if not kohya:
         return adapter
-    resolve = _kohya_resolver(ckpt)
+    resolve = kohya_resolver(ckpt)
     renamed: dict[str, Target] = {}
     for name, t in adapter.targets.items():
         new = resolve(name) if name in kohya else name
@@ -194,10 +150,10 @@ def bind_to_base(
 ) -> tuple[Adapter, dict[str, Any]]:
     """Map names and kinds onto ``base``, refuse a misfit, and bind the adapter to it."""
     from ..checkpoint import Checkpoint
-    from .pipeline import PipelineCheckpoint
-    from .sd_names import is_pipeline
+    from .pipeline import PipelineCheckpoint, is_pipeline
 
     ckpt = PipelineCheckpoint(base) if is_pipeline(base) else Checkpoint(base)
+    adapter = split_flux(adapter, ckpt, notes)
     from .peft_features import complete
 
     notes += complete(adapter, ckpt)  # spec 1.1: what only the base knows (a vocabulary)

@@ -1,4 +1,4 @@
-"""A diffusers pipeline folder seen as one checkpoint: ``unet.…``, ``text_encoder.…`` weights.
+"""Image bases for ``convert --base``: a pipeline folder as one checkpoint, kohya names, Flux.
 
 ``convert --base`` on an SD/SDXL/Flux pipeline folder (``model_index.json`` beside ``unet/`` or
 ``transformer/`` and the text encoders) binds an adapter that spans components — kohya files
@@ -11,10 +11,23 @@ is how diffusers LoRA files name modules. Read-only: merge writes one model fold
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
+from ..adapter import Adapter
 from ..checkpoint import Checkpoint, Entry
-from .sd_names import pipeline_components
+from . import naming, sd_names
+from .flux import split_bfl
+from .sd_names import is_pipeline, pipeline_components
+
+__all__ = [
+    "PipelineCheckpoint",
+    "base_modules",
+    "image_base",
+    "is_pipeline",
+    "kohya_resolver",
+    "split_flux",
+]
 
 
 class PipelineCheckpoint(Checkpoint):
@@ -47,3 +60,56 @@ class PipelineCheckpoint(Checkpoint):
             return None
         key = ckpt.resolve(rest, suffix)
         return None if key is None else f"{component}.{key}"
+
+
+# -- binding an adapter to an image base (convert --base) ------------------------------
+
+
+def base_modules(ckpt: Checkpoint, *, conv: bool = False) -> list[str]:
+    dims = (2, 4) if conv else (2,)
+    keys = [k for k, e in ckpt.entries.items() if len(e.info.shape) in dims]
+    keys += [k for k, v in ckpt.aliases().items() if len(ckpt.shape(v)) in dims]
+    return [k[: -len(".weight")] for k in keys if k.endswith(".weight")]
+
+
+def image_base(ckpt: Checkpoint) -> bool:
+    """A diffusers model folder, a pipeline folder or an SD single file: image-model names."""
+    from ..checkpoint import DIFFUSERS_INDEX_NAME, DIFFUSERS_SINGLE_NAME
+
+    names = {p.name for p in ckpt.shards}
+    return (
+        isinstance(ckpt, PipelineCheckpoint)
+        or bool(ckpt.aliases())
+        or DIFFUSERS_SINGLE_NAME in names
+        or ckpt.index_name == DIFFUSERS_INDEX_NAME
+    )
+
+
+def kohya_resolver(ckpt: Checkpoint) -> Callable[[str], str]:
+    """kohya name → module path: per component for image bases (sd_names), else naming's."""
+
+    if not image_base(ckpt):
+        index = naming.kohya_index(base_modules(ckpt))
+        return lambda name: naming.resolve_kohya(name, index, where=str(ckpt.path))
+    if isinstance(ckpt, PipelineCheckpoint):
+        indexes = {
+            c: sd_names.underscored_index(base_modules(sub, conv=True))
+            for c, sub in ckpt.components.items()
+        }
+    else:
+        indexes = {"": sd_names.underscored_index(base_modules(ckpt, conv=True))}
+
+    def resolve(name: str) -> str:
+        component, module = sd_names.resolve(name, indexes, where=str(ckpt.path))
+        return f"{component}.{module}" if component else module
+
+    return resolve
+
+
+def split_flux(adapter: Adapter, ckpt: Checkpoint, notes: list[str]) -> Adapter:
+    """kohya Flux files name BFL's fused layers: split them onto diffusers' (convert/flux.py)."""
+
+    if isinstance(ckpt, PipelineCheckpoint):
+        sub = ckpt.components.get("transformer")
+        return adapter if sub is None else split_bfl(adapter, sub, notes, "transformer.")
+    return split_bfl(adapter, ckpt, notes)
