@@ -293,11 +293,13 @@ def lycoris_tensors(t: Target, prefix: str) -> tuple[dict[str, torch.Tensor], fl
     """The tensors of one non-Linear module under its kohya name, and the alpha to store."""
     import torch
 
-    if t.kind == C.KIND_CONV2D:
+    if t.kind in (C.KIND_CONV2D, C.KIND_LINEAR):
+        # LyCORIS LoCon with weight_decompose, wd_on_out: dora_scale [out, 1(, 1, 1)], the
+        # norm per output row, PEFT's (LyCORIS adds float eps to the norm: ~1e-7 relative).
         out = {f"{prefix}.{DOWN}": t.lora_A, f"{prefix}.{UP}": t.lora_B}
         if C.FEATURE_DORA in t.features:
             m = t.part(C.PART_MAGNITUDE)
-            out[f"{prefix}.{DORA}"] = m.reshape(-1, 1, 1, 1)
+            out[f"{prefix}.{DORA}"] = m.reshape(-1, *[1] * (t.lora_A.dim() - 1))
         return out, t.alpha * (math.sqrt(t.rank) if t.scale_rule == C.SCALE_RSLORA else 1.0)
     if t.kind not in ("loha", "lokr"):
         raise UsageError(
