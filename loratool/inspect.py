@@ -23,6 +23,10 @@ def _integrity(opened: Opened, *, checked: bool) -> dict[str, Any]:
 def describe(path: str | os.PathLike[str], *, stats: bool = False) -> dict[str, Any]:
     """The inspect document: one JSON-ready dict (see README "inspect --json").
 
+    Spec 1.1 fields: ``requires`` (the file's ``loratool.requires``), per target ``features``
+    (always, [] for plain LoRA), and for any 1.1 target ``parts`` (tensor part → shape), a
+    ``tokens`` target's ``indices`` and a grown ``full`` target's ``base_rows``.
+
     Reads only the header unless ``stats`` is set; with ``stats``, adds per target the exact
     ‖ΔW‖_F and effective ranks from the QR-core spectrum (never a dense B·A).
     """
@@ -42,8 +46,15 @@ def describe(path: str | os.PathLike[str], *, stats: bool = False) -> dict[str, 
             "out_features": t.out_features,
             "dtype": C.DTYPE_NAMES.get(t.dtype, t.dtype),
             "params": t.num_params,
+            "features": list(t.features),  # spec 1.1 §3.5: dora, lora_bias, bias
         }
-        if stats:
+        if not t.plain:  # spec 1.1: every stored tensor, and what the kind records
+            row["parts"] = {p: list(shape) for p, shape in t.parts().items()}
+            if t.kind == C.KIND_TOKENS:
+                row["indices"] = list(t.fields["indices"])
+            if t.fields.get("base_rows") is not None:
+                row["base_rows"] = t.fields["base_rows"]
+        if stats and t.lowrank and t.kind in C.KINDS_10:  # ‖ΔW‖ of the low-rank part
             from .lowrank import spectrum
 
             sp = spectrum(t)
@@ -69,6 +80,7 @@ def describe(path: str | os.PathLike[str], *, stats: bool = False) -> dict[str, 
         "integrity": _integrity(opened, checked=stats),
         "provenance": adapter.provenance,
         "metadata": adapter.metadata,
+        "requires": adapter.requires,  # spec 1.1 §4.1: the features and kinds a reader must know
         "num_targets": len(targets),
         "targets": targets,
     }

@@ -235,3 +235,37 @@ def test_attach_applies_every_part_unmerged(
     fresh = _model(base)
     lora.attach(fresh, lora.extract_adapter(model))
     assert float((_out(fresh.eval(), inputs) - ref).abs().max()) <= 1e-6
+
+
+def test_inspect_and_verify_show_every_feature(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """inspect --json: ``requires``, per target ``features``, and ``parts``/``indices`` for 1.1
+    targets; verify reports rules 23-26; plain targets keep their 1.0 fields."""
+    from loratool.cli import cli
+
+    model = _model(tiny_llama_dir)
+    lora.inject(
+        model,
+        targets="q_proj",
+        rank=2,
+        dora=True,
+        trainable_tokens=[7, 5],
+        modules_to_save=["model.norm"],
+    )
+    lora.extract_adapter(model).save(tmp_path / "a.safetensors")
+    r = CliRunner().invoke(cli, ["inspect", str(tmp_path / "a.safetensors"), "--json", "--stats"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["requires"] == ["dora", "full", "tokens"]
+    rows = {t["name"]: t for t in doc["targets"]}
+    q = rows["model.layers.0.self_attn.q_proj"]
+    assert q["features"] == ["dora"] and q["parts"]["magnitude"] == [64] and "delta_norm" in q
+    assert rows["model.embed_tokens"]["indices"] == [5, 7]
+    assert rows["model.embed_tokens"]["parts"] == {"token_values": [2, 64]}
+    assert rows["model.norm"]["parts"] == {"weight": [64]} and rows["model.norm"]["features"] == []
+    human = CliRunner().invoke(cli, ["inspect", str(tmp_path / "a.safetensors")])
+    assert "requires" in human.stdout and "2 token rows" in human.stdout and "dora" in human.stdout
+    r = CliRunner().invoke(cli, ["verify", str(tmp_path / "a.safetensors"), "--json"])
+    checks = {c["rule"]: c for c in json.loads(r.stdout)["checks"]}
+    assert (
+        checks["features"]["ok"] and "requires dora, full, tokens" in checks["features"]["detail"]
+    )

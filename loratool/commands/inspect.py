@@ -70,6 +70,19 @@ def _fmt_alpha(x: float) -> str:
     return f"{x:g}"
 
 
+def _features_cell(t: dict[str, Any]) -> str:
+    """DoRA, biases, or what a whole-tensor target replaces (spec 1.1)."""
+    if t["features"]:
+        return ", ".join(t["features"])
+    if "indices" in t:
+        return f"{len(t['indices'])} token rows"
+    parts = t.get("parts", {})
+    if "lora_A" in parts or not parts:
+        return ""
+    grown = f" (grows from {t['base_rows']} rows)" if "base_rows" in t else ""
+    return ", ".join(parts) + grown
+
+
 def _render(doc: dict[str, Any], stats: bool, *, show_all: bool = False) -> None:
     from rich.table import Table
 
@@ -97,6 +110,8 @@ def _render(doc: dict[str, Any], stats: bool, *, show_all: bool = False) -> None
         rows.append(("integrity", f"sha256 {integrity['sha256'][:16]}… {state}"))
     if doc["provenance"]:
         rows.append(("provenance", ", ".join(sorted(doc["provenance"]))))
+    if doc.get("requires"):
+        rows.append(("requires", ", ".join(doc["requires"])))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         console.print(f"  {key:<{width}}  {value}", markup=False)
@@ -104,6 +119,9 @@ def _render(doc: dict[str, Any], stats: bool, *, show_all: bool = False) -> None
     table = Table(show_edge=False, pad_edge=False)
     for col in ("target", "kind", "rank", "alpha", "scale", "in", "out", "dtype"):
         table.add_column(col, justify="left" if col in ("target", "kind", "dtype") else "right")
+    extras = any(t["features"] or "parts" in t for t in doc["targets"])
+    if extras:
+        table.add_column("features", justify="left")
     if stats:
         table.add_column("‖ΔW‖", justify="right")
         table.add_column("eff. rank", justify="right")
@@ -111,21 +129,25 @@ def _render(doc: dict[str, Any], stats: bool, *, show_all: bool = False) -> None
     shown = rows_all if show_all or len(rows_all) <= TABLE_ROWS else rows_all[:TABLE_ROWS]
     for t in shown:
         scale = f"{t['scale']:.4g}" + (" (rs)" if t["scale_rule"] == "rslora" else "")
+        lowrank = "parts" not in t or "lora_A" in t["parts"]
         cells = [
             t["name"],
             t["kind"],
-            str(t["rank"]),
-            _fmt_alpha(t["alpha"]),
-            scale,
+            str(t["rank"]) if lowrank else "—",
+            _fmt_alpha(t["alpha"]) if lowrank else "—",
+            scale if lowrank else "—",
             str(t["in_features"]),
             str(t["out_features"]),
             t["dtype"],
         ]
+        if extras:
+            cells.append(_features_cell(t))
         if stats:
-            cells += [
-                f"{t['delta_norm']:.4g}",
-                f"{t['effective_rank']:.2f} ({t['numerical_rank']})",
-            ]
+            cells += (
+                [f"{t['delta_norm']:.4g}", f"{t['effective_rank']:.2f} ({t['numerical_rank']})"]
+                if "delta_norm" in t
+                else ["—", "—"]
+            )
         table.add_row(*cells)
     console.print(table)
     if len(shown) < len(rows_all):

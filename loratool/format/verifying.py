@@ -37,6 +37,17 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
         checks.append(
             Check("header", True, f"rules 1-20 hold ({len(header.adapter.targets)} targets)")
         )
+        needs = header.adapter.requires
+        if needs:  # spec 1.1: the header check above held rules 23-26 for these too
+            parts = sum(len(t.parts()) for t in header.adapter.targets.values())
+            checks.append(
+                Check(
+                    "features",
+                    True,
+                    f"rules 23-26 hold: requires {', '.join(needs)}; {parts} tensor parts, "
+                    "each with its kind's shape",
+                )
+            )
         check_data(header)
         checks.append(Check("integrity", True, f"sha256 {header.adapter.sha256}"))
         checks.append(Check("non-finite", True, "all values finite"))
