@@ -211,3 +211,24 @@ def test_the_loss_never_holds_tokens_by_vocab() -> None:
     assert largest.numel <= chunk_rows(vocab) * vocab < n * vocab
     want = F.cross_entropy(h.detach() @ head.weight.t(), targets, reduction="sum")
     torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-3)
+
+
+def test_dropout_mask_is_kept_as_bits_and_the_input_is_shared() -> None:
+    """q/k/v over one input with dropout: the input once, a bit per element per layer, h."""
+    from loratool.lora.layer import _pack_bits, _unpack_bits
+
+    for n in (1, 7, 8, 9, 577):
+        m = torch.rand(3, n) < 0.5
+        assert torch.equal(_unpack_bits(_pack_bits(m), m.shape), m)
+    torch.manual_seed(0)
+    t, d, r = 64, 96, 4
+    layers = [
+        lora.LoraLayer(nn.Linear(d, d).requires_grad_(False), rank=r, alpha=8, dropout=0.1)
+        for _ in range(3)
+    ]
+    x = torch.randn(t, d, requires_grad=True)
+    kept = _saved_bytes(lambda: [layer(x) for layer in layers])
+    # x (4 bytes, fp32 here) once; per layer: the mask in bits, h = drop(x)·Aᵀ [t, r] and s·B
+    # (A itself is the parameter in fp32, not a copy).
+    per_layer = t * d // 8 + t * r * 4 + d * r * 4
+    assert kept == t * d * 4 + 3 * per_layer

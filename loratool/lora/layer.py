@@ -183,7 +183,7 @@ class FusedLora(torch.autograd.Function):
     and ``[tokens, in]`` twice in backward; here the low-rank product is accumulated into the base
     result by ``addmm_`` (BLAS beta=1) both ways. Saved for backward: the input in the compute
     dtype (the caller's tensor, which q/k/v share; backward recomputes the dropped copy), the
-    r-wide ``drop(x)·Aᵀ``, and with dropout its boolean mask — the one extra tensor dropout costs
+    r-wide ``drop(x)·Aᵀ``, and with dropout its mask in bits — the one extra tensor dropout costs
     (``nn.Dropout`` plus autograd would keep x, the mask and the dropped copy).
     Matmuls run in the autocast dtype when autocast is on (bf16); gradients of A and B come back in
     the factors' dtype (fp32), as autocast would give them. Dropout follows ``nn.Dropout``:
@@ -218,15 +218,18 @@ class FusedLora(torch.autograd.Function):
                 xd = x2 * mask * (1.0 / (1.0 - p))
             h = xd @ a.t()
             y.addmm_(h, bs.t())
-        # The undropped input, not ``xd``: x2 is the caller's tensor (q/k/v share one), xd a copy.
-        ctx.save_for_backward(x2, h, w, a, bs, mask)
+        # The undropped input, not ``xd``: x2 is the caller's tensor (q/k/v share one), xd a copy;
+        # the mask as bits (1/8 of a bool tensor: 1/16 of a bf16 activation).
+        bits = None if mask is None else _pack_bits(mask)
+        ctx.save_for_backward(x2, h, w, a, bs, bits)
         ctx.scale, ctx.transposed, ctx.x_dtype, ctx.p = scale, transposed, x.dtype, p
         ctx.factor_dtypes = (lora_A.dtype, lora_B.dtype)
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> Any:
-        x2, h, w, a, bs, mask = ctx.saved_tensors
+        x2, h, w, a, bs, bits = ctx.saved_tensors
+        mask = None if bits is None else _unpack_bits(bits, x2.shape)
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(x2.dtype)
         gbs = g @ bs  # [T, r]
         grad_x = grad_a = grad_b = None
@@ -243,3 +246,21 @@ class FusedLora(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             grad_b = ((g.t() @ h) * ctx.scale).to(ctx.factor_dtypes[1])
         return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8 bytes of 8 elements each (little-endian bits), padded with 0."""
+    flat = mask.reshape(-1)
+    if flat.numel() % 8:
+        flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=mask.device)
+    return (flat.view(-1, 8).to(torch.uint8) * weights).sum(1, dtype=torch.uint8)
+
+
+def _unpack_bits(bits: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The inverse of ``_pack_bits``: the bool tensor of ``shape``."""
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=bits.device)
+    n = 1
+    for d in shape:
+        n *= d
+    return ((bits[:, None] & weights) != 0).view(-1)[:n].view(shape)
