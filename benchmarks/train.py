@@ -1,31 +1,42 @@
-"""Benchmark: `loratool train` against PEFT + transformers Trainer on SmolLM2-135M, side by side.
+"""Benchmark: `loratool train` against PEFT + Trainer and TRL's SFTTrainer, side by side.
 
-Each side runs as its own process on the same data with the same LoRA and optimiser settings
-(r=16, α=32, all-linear, dropout 0, AdamW lr 2e-4, cosine, no warm-up, seq-len 512, seed 0), for
-the same number of optimizer steps; sides alternate, in rounds, because the machine is shared.
+The configuration of issue 17: SmolLM2-135M, LoRA r=16 α=32 on q/k/v/o_proj, dropout 0.05,
+64 short documents (≤256 tokens), batch 8, 1 epoch, AdamW lr 2e-4, cosine, no warm-up, seed 0.
+Each side runs as its own process; sides alternate in rounds, because the machine is shared.
 
-    python benchmarks/train.py [--steps 10] [--rounds 2] [--sides peft-f32,peft-bf16,loratool]
+    python benchmarks/train.py [--rounds 2] [--sides loratool,peft-f32,peft-bf16,trl]
+    python benchmarks/train.py --memory [--tokens 2048,4096,8192]   # peak RSS vs tokens/step
 
-Data: prompt/completion records built from the docstrings of Python's standard library (real
-English of varied length, reproducible offline), loss on the completion only, on both sides.
-Batches: PEFT takes 8 records per step padded to the longest (DataCollatorForSeq2Seq, the usual
-PEFT recipe; the `peft-bf16-grouped` side adds `group_by_length=True`, which batches records of
-similar length and pads less); loratool takes 2 packed rows of ≤512 tokens per step, which hold
-~9 records, so both see about the same records per step.
+Sides and their precision:
+- ``loratool``: bf16 frozen weights, bf16 autocast, fp32 LoRA + AdamW (``--dtype auto``); 8 packed
+  rows of ≤256 tokens per step (documents never attend to each other), so fewer steps.
+- ``peft-f32`` / ``peft-bf16``: PEFT + transformers ``Trainer``, fp32 (its CPU default) or
+  ``bf16=True`` (autocast over fp32 weights); 8 documents per step, padded to the longest.
+- ``trl``: TRL ``SFTTrainer`` with ``peft_config``, its defaults where we set nothing
+  (``bf16=True``, ``gradient_checkpointing=True``); 8 documents per step, padded.
 
-Reported per side: non-padding tokens/s over steps 2..N (step 1 pays one-off warm-up on both
-sides), peak RSS of the whole process (ru_maxrss from wait4), the mean training loss of the last
-3 steps, and an evaluation loss on 32 held-out records computed afterwards by one common
-evaluator (the adapter merged into an fp32 copy of the base, plain transformers forward), so the
-losses are comparable whatever each side does internally. Precision is stated per side.
+Reported per side: non-padding tokens/s over steps 2..N (step 1 pays one-off warm-up), peak RSS
+of the whole process (ru_maxrss from wait4), the final training loss (mean of the last step's
+tokens), and an evaluation loss on 32 held-out documents computed afterwards by one common
+evaluator (the adapter merged into an fp32 base), so the losses compare whatever each side does.
+
+Utilisation: the useful FLOPs of the data set are counted from the model's shapes, per document
+(frozen base: 2·N·tokens forward and 2·N·tokens backward for the activation gradients, no weight
+gradients; LoRA 6·r·(in+out) per token and adapted module; attention 12·n²·d per layer and
+document of n tokens (the full square, as the kernels compute it); the head 4·d·V per target:
+its forward and the gradient computed with it). Achieved FLOP/s = tokens/s × FLOPs per token,
+against the bf16 matmul peak measured in the same run (a 2048×576 @ 576×1536 loop, as
+shared/notes/machine.md describes), before and after the sides run.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -38,10 +49,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "fixtures"))
 sys.path.insert(0, str(ROOT))
 
-SEQ_LEN = 512
-RANK, ALPHA, LR, SEED = 16, 32, 2e-4, 0
-PEFT_BATCH, LORATOOL_ROWS = 8, 2
-N_EVAL = 32
+SEQ_LEN, BATCH = 256, 8
+RANK, ALPHA, DROPOUT, LR, SEED = 16, 32, 0.05, 2e-4, 0
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+N_TRAIN, N_EVAL = 64, 32
 MODULES = [
     "json",
     "os",
@@ -66,10 +77,8 @@ MODULES = [
 ]
 
 
-def build_data(folder: Path) -> tuple[Path, Path]:
-    """train.jsonl and eval.jsonl: 'Explain X' -> X's docstring (cut at 1500 characters)."""
-    import importlib
-
+def build_data(folder: Path, n_train: int = N_TRAIN) -> tuple[Path, Path]:
+    """train.jsonl and eval.jsonl: {"text": "module.name\\n\\ndocstring"}, ≤900 characters each."""
     records = []
     for m in MODULES:
         mod = importlib.import_module(m)
@@ -77,17 +86,11 @@ def build_data(folder: Path) -> tuple[Path, Path]:
             if name.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj)):
                 continue
             doc = inspect.getdoc(obj)
-            if doc and len(doc) >= 80:
-                records.append(
-                    {
-                        "prompt": f"Explain what {m}.{name} does in Python.\n",
-                        "completion": doc[:1500],
-                    }
-                )
-    import random
-
+            if doc and len(doc) >= 200:
+                records.append({"text": f"{m}.{name}\n\n{doc[:900]}"})
     random.Random(SEED).shuffle(records)
-    train, evals = records[N_EVAL:], records[:N_EVAL]
+    evals, train = records[:N_EVAL], records[N_EVAL:]
+    train = (train * (1 + n_train // len(train)))[:n_train]
     for name, rows in (("train.jsonl", train), ("eval.jsonl", evals)):
         with open(folder / name, "w") as f:
             for r in rows:
@@ -95,29 +98,18 @@ def build_data(folder: Path) -> tuple[Path, Path]:
     return folder / "train.jsonl", folder / "eval.jsonl"
 
 
-# -- the PEFT + Trainer side (runs in its own process) -------------------------------------------
-
-
-def run_peft(
-    model_dir: str, data: str, out: str, steps: int, bf16: bool, grouped: bool, report: str
-) -> None:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        DataCollatorForSeq2Seq,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
+def _docs(model_dir: str, data: str) -> list[Any]:
+    from transformers import AutoTokenizer
 
     from loratool.training import data as D
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    docs = D.tokenize(D.read_jsonl(data), tokenizer, seq_len=SEQ_LEN, path=data).docs
-    # The same ids as loratool's; labels are the ids with -100 where loratool has no target.
-    rows = [
+    return list(D.tokenize(D.read_jsonl(data), tokenizer, seq_len=SEQ_LEN, path=data).docs)
+
+
+def _rows(docs: list[Any]) -> list[dict[str, list[int]]]:
+    """The same ids as loratool's; labels are the ids with -100 where loratool has no target."""
+    return [
         {
             "input_ids": d.ids,
             "attention_mask": [1] * len(d.ids),
@@ -126,26 +118,25 @@ def run_peft(
         }
         for d in docs
     ]
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=RANK,
-            lora_alpha=ALPHA,
-            lora_dropout=0.0,
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        ),
+
+
+# -- the PEFT + Trainer and TRL sides (each in its own process) ----------------------------------
+
+
+def _lora_config() -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=RANK,
+        lora_alpha=ALPHA,
+        lora_dropout=DROPOUT,
+        target_modules=TARGETS,
+        task_type="CAUSAL_LM",
     )
-    tokens: list[int] = []
-    pad_collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
-    def collate(batch: list[dict[str, Any]]) -> Any:
-        out = pad_collator(batch)
-        tokens.append(int(out["attention_mask"].sum()))
-        return out
 
-    log: list[dict[str, float]] = []
+def _callbacks(log: list[dict[str, float]]) -> list[Any]:
+    from transformers import TrainerCallback
 
     class Timer(TrainerCallback):  # type: ignore[misc]
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -155,40 +146,100 @@ def run_peft(
             if logs and "loss" in logs:
                 log.append({"loss": float(logs["loss"]), "step": state.global_step})
 
-    ds = rows  # a list is a map-style dataset; `datasets` is not needed
-    targs = TrainingArguments(
-        output_dir=out + "-trainer",
-        per_device_train_batch_size=PEFT_BATCH,
-        max_steps=steps,
-        learning_rate=LR,
-        lr_scheduler_type="cosine",
-        warmup_steps=0,
-        weight_decay=0.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        bf16=bf16,
-        seed=SEED,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        disable_tqdm=True,
-    )
-    trainer = Trainer(
-        model=model, args=targs, train_dataset=ds, data_collator=collate, callbacks=[Timer()]
-    )
+    return [Timer()]
+
+
+def _common_args() -> dict[str, Any]:
+    return {
+        "per_device_train_batch_size": BATCH,
+        "num_train_epochs": 1,
+        "learning_rate": LR,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "seed": SEED,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+    }
+
+
+def run_hf(kind: str, model_dir: str, data: str, out: str, report: str) -> None:
+    """``kind``: peft-f32, peft-bf16 (Trainer) or trl (SFTTrainer + peft_config)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    docs = _docs(model_dir, data)
+    rows = _rows(docs)
+    tokens: list[int] = []
+    log: list[dict[str, float]] = []
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if kind == "trl":
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+
+        # Pre-tokenised (the same ids): SFTTrainer skips its own tokenisation for input_ids.
+        ds = Dataset.from_list([{"input_ids": r["input_ids"]} for r in rows])
+        args = SFTConfig(output_dir=out + "-trainer", max_length=SEQ_LEN, **_common_args())
+        trainer: Any = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=ds,
+            processing_class=tokenizer,
+            peft_config=_lora_config(),
+            callbacks=_callbacks(log),
+        )
+        inner = trainer.data_collator
+        pad_id = tokenizer.pad_token_id
+
+        def count(batch: list[dict[str, Any]]) -> Any:
+            b = inner(batch)
+            mask = b["attention_mask"] if "attention_mask" in b else b["input_ids"] != pad_id
+            tokens.append(int(mask.sum()))
+            return b
+
+        trainer.data_collator = count
+    else:
+        from peft import get_peft_model
+        from transformers import Trainer, TrainingArguments
+
+        model = get_peft_model(model, _lora_config())
+        pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+
+        def collate(batch: list[dict[str, Any]]) -> Any:
+            b = pad(batch)
+            tokens.append(int(b["attention_mask"].sum()))
+            return b
+
+        targs = TrainingArguments(
+            output_dir=out + "-trainer",
+            bf16=kind == "peft-bf16",
+            remove_unused_columns=False,
+            **_common_args(),
+        )
+        trainer = Trainer(
+            model=model,
+            args=targs,
+            train_dataset=rows,
+            data_collator=collate,
+            callbacks=_callbacks(log),
+        )
     trainer.train()
-    model.save_pretrained(out)
+    trainer.model.save_pretrained(out)
     times = [e["t"] for e in log if "t" in e]
     losses = [e["loss"] for e in log if "loss" in e]
-    # tokens[] counts batches as the data loader produced them; the first `steps` were trained on.
+    steps = len(times)
     Path(report).write_text(
         json.dumps(
             {
                 "tokens_after_first": sum(tokens[1:steps]),
                 "time_after_first": times[-1] - times[0],
                 "losses": losses,
-                "steps": len(times),
+                "steps": steps,
             }
         )
     )
@@ -197,131 +248,102 @@ def run_peft(
 # -- the loratool side ---------------------------------------------------------------------------
 
 
-def loratool_cmd(
-    model_dir: str, data: str, out: str, steps: int, metrics: str, dtype: str
-) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "loratool",
-        "train",
-        "--model",
-        model_dir,
-        "--data",
-        data,
-        "-o",
-        out,
-        "--max-steps",
-        str(steps),
-        "--rank",
-        str(RANK),
-        "--alpha",
-        str(ALPHA),
-        "--targets",
-        "all-linear",
-        "--lr",
-        str(LR),
-        "--schedule",
-        "cosine",
-        "--warmup",
-        "0",
-        "--seq-len",
-        str(SEQ_LEN),
-        "--batch-size",
-        str(LORATOOL_ROWS),
-        "--seed",
-        str(SEED),
-        "--metrics",
-        metrics,
-        "--dtype",
-        dtype,
-        "--save-every",
-        "0",
-        "--force",
-        "-q",
-    ]
+def loratool_cmd(model_dir: str, data: str, out: str, metrics: str, extra: list[str]) -> list[str]:
+    flags = {
+        "--model": model_dir,
+        "--data": data,
+        "-o": out,
+        "--epochs": "1",
+        "--rank": str(RANK),
+        "--alpha": str(ALPHA),
+        "--dropout": str(DROPOUT),
+        "--targets": ",".join(TARGETS),
+        "--lr": str(LR),
+        "--schedule": "cosine",
+        "--warmup": "0",
+        "--seq-len": str(SEQ_LEN),
+        "--batch-size": str(BATCH),
+        "--seed": str(SEED),
+        "--metrics": metrics,
+        "--save-every": "0",
+    }
+    cmd = [sys.executable, "-m", "loratool", "train"]
+    for k, v in flags.items():
+        cmd += [k, v]
+    return [*cmd, "--force", "-q", *extra]
 
 
 # -- the harness ---------------------------------------------------------------------------------
 
 
-def run_side(side: str, model_dir: str, data: str, work: Path, steps: int) -> dict[str, Any]:
-    out = str(work / f"{side}.adapter")
-    report = str(work / f"{side}.json")
-    if side.startswith("peft"):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--child-peft",
-            model_dir,
-            data,
-            out,
-            str(steps),
-            "1" if "bf16" in side else "0",
-            "1" if side.endswith("grouped") else "0",
-            report,
-        ]
-    else:
-        dtype = "f32" if side == "loratool-f32" else "bf16"
-        cmd = loratool_cmd(model_dir, data, out + ".safetensors", steps, report, dtype)
+def _spawn(cmd: list[str]) -> tuple[float, int]:
+    """Run ``cmd``; (wall seconds, peak RSS bytes of the process)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - started
     if status != 0:
         sys.stderr.write(output.decode(errors="replace")[-4000:])
-        raise SystemExit(f"{side} failed with status {status}")
-    peak_rss = usage.ru_maxrss * 1024  # KiB on Linux
-    if side.startswith("peft"):
-        r = json.loads(Path(report).read_text())
-        tps = r["tokens_after_first"] / r["time_after_first"]
-        losses = r["losses"]
+        raise SystemExit(f"{cmd[:4]} failed with status {status}")
+    return time.perf_counter() - started, usage.ru_maxrss * 1024  # KiB on Linux
+
+
+def run_side(side: str, model_dir: str, data: str, work: Path) -> dict[str, Any]:
+    out = str(work / f"{side}.adapter")
+    report = str(work / f"{side}.json")
+    if side.startswith("loratool"):
+        extra = ["--no-packing"] if side == "loratool-unpacked" else []
+        cmd = loratool_cmd(model_dir, data, out + ".safetensors", report, extra)
     else:
+        cmd = [sys.executable, __file__, "--child", side, model_dir, data, out, report]
+    wall, peak = _spawn(cmd)
+    if side.startswith("loratool"):
         rows = [json.loads(x) for x in Path(report).read_text().splitlines()]
         rows = [x for x in rows if "loss" in x]
         tps = (rows[-1]["tokens"] - rows[0]["tokens"]) / (
             rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]
         )
-        losses = [x["loss"] for x in rows]
+        losses, steps = [x["loss"] for x in rows], len(rows)
+    else:
+        r = json.loads(Path(report).read_text())
+        tps = r["tokens_after_first"] / r["time_after_first"]
+        losses, steps = r["losses"], r["steps"]
     return {
         "side": side,
         "tokens_per_s": tps,
-        "peak_rss": peak_rss,
+        "peak_rss": peak,
         "wall_s": wall,
-        "loss_last3": sum(losses[-3:]) / len(losses[-3:]),
+        "final_loss": losses[-1],
+        "steps": steps,
         "adapter": out,
     }
 
 
 def common_eval(side: str, adapter: str, model_dir: str, eval_path: str) -> float:
-    """Mean completion CE on the held-out records, the adapter merged into an fp32 base."""
+    """Mean next-token CE on the held-out documents, the adapter merged into an fp32 base."""
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from loratool import lora
-    from loratool.training import data as D
 
     transformers.utils.logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if side.startswith("peft"):
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    else:
+    if side.startswith("loratool"):
         from loratool.format import load
 
         lora.attach(model, load(adapter + ".safetensors"))
         lora.remove(model, merge=True)
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model.eval()
-    docs = D.tokenize(D.read_jsonl(eval_path), tokenizer, seq_len=SEQ_LEN, path=eval_path).docs
     total, count = 0.0, 0
     with torch.no_grad():
-        for d in docs:
+        for d in _docs(model_dir, eval_path):
             logits = model(input_ids=torch.tensor([d.ids])).logits[0].float()
             tgt = torch.tensor(d.targets)
             keep = tgt != -100
@@ -332,36 +354,80 @@ def common_eval(side: str, adapter: str, model_dir: str, eval_path: str) -> floa
     return total / count
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child-peft":
-        a = sys.argv[2:]
-        run_peft(a[0], a[1], a[2], int(a[3]), a[4] == "1", a[5] == "1", a[6])
-        return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument(
-        "--sides", default="peft-f32,peft-bf16,peft-bf16-grouped,loratool,loratool-f32"
+def matmul_peak(seconds: float = 3.0) -> float:
+    """bf16 FLOP/s of a 2048×576 @ 576×1536 matmul loop on this process's threads."""
+    import torch
+
+    a = torch.randn(2048, 576, dtype=torch.bfloat16)
+    b = torch.randn(576, 1536, dtype=torch.bfloat16)
+    for _ in range(5):
+        a @ b
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(10):
+            a @ b
+        n += 10
+    return 2 * 2048 * 576 * 1536 * n / (time.perf_counter() - start)
+
+
+def useful_flops(model_dir: str, docs: list[Any]) -> tuple[float, int]:
+    """(FLOPs of one pass of training over ``docs``, their tokens), counted from the shapes."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    d, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    heads, kv = (
+        cfg["num_attention_heads"],
+        cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
     )
-    parser.add_argument("--no-eval", action="store_true", help="skip the common evaluation")
-    args = parser.parse_args()
+    hd = cfg.get("head_dim") or d // heads
+    vocab = cfg["vocab_size"]
+    shapes = {  # (in, out) of each linear of a layer
+        "q_proj": (d, heads * hd),
+        "k_proj": (d, kv * hd),
+        "v_proj": (d, kv * hd),
+        "o_proj": (heads * hd, d),
+        "gate_proj": (d, inter),
+        "up_proj": (d, inter),
+        "down_proj": (inter, d),
+    }
+    n_linear = sum(i * o for i, o in shapes.values())
+    n_lora = sum(RANK * (shapes[t][0] + shapes[t][1]) for t in TARGETS)
+    total, tokens = 0.0, 0
+    for doc in docs:
+        n = len(doc.ids)
+        targets = sum(1 for t in doc.targets if t != -100)
+        per_layer = 4 * n_linear * n + 6 * n_lora * n + 12 * n * n * heads * hd
+        total += layers * per_layer + 4 * d * vocab * targets
+        tokens += n
+    return total, tokens
+
+
+def load() -> str:
+    return "/".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def compare(args: argparse.Namespace) -> None:
     import models
 
     model_dir = str(models.smollm2())
     sides = args.sides.split(",")
+    print(f"load average before: {load()}", flush=True)
+    peak0 = matmul_peak()
     with tempfile.TemporaryDirectory(prefix="loratool-bench-") as tmp:
         work = Path(tmp)
         data, eval_path = build_data(work)
+        docs = _docs(model_dir, str(data))
+        flops, n_tokens = useful_flops(model_dir, docs)
         results: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
         for r in range(args.rounds):
             order = sides if r % 2 == 0 else sides[::-1]  # alternate who goes first
             for side in order:
-                res = run_side(side, model_dir, str(data), work, args.steps)
+                res = run_side(side, model_dir, str(data), work)
                 results[side].append(res)
                 print(
-                    f"round {r + 1} {side:>13}: {res['tokens_per_s']:7.1f} tok/s  "
-                    f"peak RSS {res['peak_rss'] / 1e9:5.2f} GB  loss {res['loss_last3']:.4f}  "
-                    f"wall {res['wall_s']:.0f} s",
+                    f"round {r + 1} {side:>17}: {res['tokens_per_s']:7.1f} tok/s  "
+                    f"peak RSS {res['peak_rss'] / 1e9:5.2f} GB  final loss "
+                    f"{res['final_loss']:.4f} ({res['steps']} steps)  wall {res['wall_s']:.0f} s  "
+                    f"load {load()}",
                     flush=True,
                 )
         evals = {}
@@ -370,47 +436,86 @@ def main() -> None:
                 evals[side] = common_eval(
                     side, results[side][-1]["adapter"], model_dir, str(eval_path)
                 )
-    precision = {
-        "peft-f32": "fp32 weights + fp32 compute (Trainer default on CPU)",
-        "peft-bf16": "fp32 weights, bf16 autocast (Trainer bf16=True)",
-        "peft-bf16-grouped": "as peft-bf16, with group_by_length=True (less padding)",
-        "loratool": "bf16 frozen weights, bf16 autocast, fp32 LoRA + AdamW (--dtype auto)",
-        "loratool-f32": "fp32 everything (--dtype f32)",
-    }
+    peak1 = matmul_peak()
+    peak = max(peak0, peak1)
+    per_token = flops / n_tokens
+    print(f"load average after: {load()}")
     print()
     print(
-        f"SmolLM2-135M, {args.steps} steps, seq-len {SEQ_LEN}, r={RANK} all-linear; "
+        f"SmolLM2-135M, r={RANK} α={ALPHA} {'/'.join(TARGETS)}, dropout {DROPOUT}, {N_TRAIN} "
+        f"documents ({n_tokens} tokens, ≤{SEQ_LEN} each), batch {BATCH}, 1 epoch; "
         f"best of {args.rounds} rounds (tok/s: max, RSS: min)"
     )
-    header = (
-        f"{'side':<19}{'tok/s':>9}{'peak RSS':>11}{'loss(last3)':>13}{'eval loss':>11}  precision"
+    print(
+        f"useful work: {per_token / 1e6:.0f} MFLOP per token; bf16 matmul peak "
+        f"{peak0 / 1e9:.0f} GFLOP/s before, {peak1 / 1e9:.0f} after"
     )
-    print(header)
+    print(
+        f"{'side':<19}{'tok/s':>8}{'GFLOP/s':>9}{'of peak':>8}{'peak RSS':>10}{'steps':>6}"
+        f"{'final loss':>11}{'eval loss':>10}"
+    )
     best = {}
     for side in sides:
         rs = results[side]
-        best[side] = {
-            "tps": max(x["tokens_per_s"] for x in rs),
-            "rss": min(x["peak_rss"] for x in rs),
-            "loss": rs[-1]["loss_last3"],
-        }
+        tps = max(x["tokens_per_s"] for x in rs)
+        best[side] = tps
         ev = f"{evals[side]:.4f}" if side in evals else "-"
         print(
-            f"{side:<19}{best[side]['tps']:>9.1f}{best[side]['rss'] / 1e9:>9.2f}GB"
-            f"{best[side]['loss']:>13.4f}{ev:>11}  {precision.get(side, '')}"
+            f"{side:<19}{tps:>8.1f}{tps * per_token / 1e9:>9.1f}{tps * per_token / peak:>8.1%}"
+            f"{min(x['peak_rss'] for x in rs) / 1e9:>8.2f}GB{rs[-1]['steps']:>6}"
+            f"{rs[-1]['final_loss']:>11.4f}{ev:>10}"
         )
     print()
     for ours in [s for s in sides if s.startswith("loratool")]:
-        for ref in [s for s in sides if s.startswith("peft")]:
+        for ref in [s for s in sides if not s.startswith("loratool")]:
             # Ratios per round (same round = similar machine load), then the median.
             pairs = list(zip(results[ours], results[ref], strict=True))
-            tps = sorted(a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs)
-            rss = sorted(a["peak_rss"] / b["peak_rss"] for a, b in pairs)
+            tps_r = sorted(a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs)
+            rss_r = sorted(a["peak_rss"] / b["peak_rss"] for a, b in pairs)
             print(
-                f"{ours} vs {ref}: tokens/s ×{statistics.median(tps):.2f} "
-                f"(rounds: {', '.join(f'{x:.2f}' for x in tps)}), "
-                f"peak RSS ×{statistics.median(rss):.2f}"
+                f"{ours} vs {ref}: tokens/s ×{statistics.median(tps_r):.2f} "
+                f"(rounds: {', '.join(f'{x:.2f}' for x in tps_r)}), "
+                f"peak RSS ×{statistics.median(rss_r):.2f}"
             )
+
+
+def memory(args: argparse.Namespace) -> None:
+    """Peak RSS of loratool train against tokens per step (packed rows of short documents)."""
+    import models
+
+    model_dir = str(models.smollm2())
+    print(f"load average before: {load()}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="loratool-mem-") as tmp:
+        work = Path(tmp)
+        for tokens in (int(x) for x in args.tokens.split(",")):
+            rows = tokens // SEQ_LEN
+            data, _ = build_data(work, n_train=max(N_TRAIN, 2 * rows))
+            report = str(work / "m.jsonl")
+            cmd = loratool_cmd(model_dir, str(data), str(work / "m.safetensors"), report, [])
+            at = cmd.index("--batch-size") + 1
+            cmd[at] = str(rows)
+            cmd += ["--max-steps", "2"]
+            wall, peak = _spawn(cmd)
+            print(
+                f"{tokens:>6} tokens/step ({rows} rows of {SEQ_LEN}): peak RSS {peak / 1e9:.2f} GB"
+                f"  wall {wall:.0f} s",
+                flush=True,
+            )
+    print(f"load average after: {load()}")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        run_hf(*sys.argv[2:7])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--sides", default="loratool,peft-f32,peft-bf16,trl")
+    parser.add_argument("--no-eval", action="store_true", help="skip the common evaluation")
+    parser.add_argument("--memory", action="store_true", help="peak RSS against tokens per step")
+    parser.add_argument("--tokens", default="2048,4096,8192")
+    args = parser.parse_args()
+    memory(args) if args.memory else compare(args)
 
 
 if __name__ == "__main__":
