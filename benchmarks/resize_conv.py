@@ -11,8 +11,9 @@ decaying spectrum. Both sides reduce it to rank 16 (linear) / 8 (conv) in fp32 o
   ``torch.linalg.svd`` on it (``full_matrices=True``, its default; the ``svd_lowrank`` branch it
   takes only when both sides exceed 2048, which no SDXL module does), keep U_k·diag(S_k) as up
   and Vh_k as down, alpha = scale·k.
-- **loratool**: ``reduce_rank`` (QR of both factors, SVD of the r×r core, batched by shape), the
-  same rank-k truncation without ever forming ΔW.
+- **loratool**: ``reduce_rank`` on the ``conv2d``/``linear`` targets its kohya reader makes (QR of
+  both factors — a conv's A flattened to ``[r, in·kh·kw]`` —, SVD of the r×r core, batched by
+  shape), the same rank-k truncation without ever forming ΔW.
 
 Dense SVDs of the ~800 modules take tens of minutes on a laptop, so by default each distinct
 (shape, rank) is timed once on both sides (the two alternating) and totals are Σ count × time;
@@ -125,19 +126,29 @@ def kohya_resize_module(
 
 
 def as_adapter(sd: dict[str, torch.Tensor], names: list[str]) -> Adapter:
-    """The LoCon modules as loratool targets (conv factors flattened: A [r, in·kh·kw])."""
+    """The LoCon modules as loratool targets, as its kohya reader makes them: conv2d for the
+    convolutions (A [r, in, kh, kw], B [out, r, 1, 1]), linear for the rest."""
     targets = []
     for name in names:
         down, up = sd[name + ".lora_down.weight"], sd[name + ".lora_up.weight"]
-        r = down.shape[0]
-        targets.append(
-            Target.from_factors(
-                name,
-                down.reshape(r, -1),
-                up.reshape(up.shape[0], r),
-                alpha=float(sd[name + ".alpha"]),
+        alpha = float(sd[name + ".alpha"])
+        if down.dim() == 4:
+            r, n_in = down.shape[:2]
+            targets.append(
+                Target(
+                    name,
+                    rank=r,
+                    alpha=alpha,
+                    in_features=n_in,
+                    out_features=up.shape[0],
+                    kind="conv2d",
+                    fields={"kernel": tuple(down.shape[2:])},
+                    lora_A=down,
+                    lora_B=up,
+                )
             )
-        )
+        else:
+            targets.append(Target.from_factors(name, down, up, alpha=alpha))
     return Adapter.from_targets(targets)
 
 
@@ -185,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                 new_rank,
             )
             t = reduced.targets[name]
-            ours = torch.linalg.svdvals(t.lora_B.double() @ t.lora_A.double()) * t.scale
+            d = t.delta(torch.float64)
+            ours = torch.linalg.svdvals(d.reshape(d.shape[0], -1))
             theirs = s_k.double() * (alpha_k / new_rank)
             diffs.append(float(((ours[:new_rank] - theirs).abs() / theirs[0]).max()))
             if abs(alpha_k - t.alpha) > 1e-6 * abs(alpha_k):

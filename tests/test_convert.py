@@ -527,13 +527,18 @@ def test_kohya_names_map_back_with_base(tmp_path: Path, tiny_llama_dir: Path) ->
     assert torch.equal(logits(reload(tiny_llama_dir, tmp_path / "p")), logits(model))
 
 
-def test_kohya_refuses_non_lora(tmp_path: Path) -> None:
+def test_kohya_reads_lycoris_kinds_and_refuses_broken_ones(tmp_path: Path) -> None:
+    # Issue 13 (spec 1.1 §3.8): LoHa/LoKr and LoCon convs are read now; a LoHa missing its
+    # second Hadamard factor is refused, naming what it lacks.
     path = tmp_path / "loha.safetensors"
     save_file(
         {"lora_unet_x.hada_w1_a": torch.zeros(2, 2), "lora_unet_x.hada_w1_b": torch.zeros(2, 2)},
         path,
     )
-    fails("not-lora", 3, "convert", path, "-o", tmp_path / "a.safetensors")
+    fails("missing-tensor", 3, "convert", path, "-o", tmp_path / "a.safetensors")
+    oft = tmp_path / "oft.safetensors"
+    save_file({"lora_unet_x.oft_blocks": torch.zeros(2, 2, 2)}, oft)
+    fails("not-lora", 3, "convert", oft, "-o", tmp_path / "a.safetensors")
     conv = tmp_path / "conv.safetensors"
     save_file(
         {
@@ -542,7 +547,9 @@ def test_kohya_refuses_non_lora(tmp_path: Path) -> None:
         },
         conv,
     )
-    fails("unsupported-layer", 3, "convert", conv, "-o", tmp_path / "a.safetensors")
+    ok("convert", conv, "-o", tmp_path / "c.safetensors")
+    t = loratool.load(tmp_path / "c.safetensors").targets["lora_unet_c"]
+    assert (t.kind, t.fields["kernel"], t.weight_shape) == ("conv2d", (3, 3), (8, 4, 3, 3))
 
 
 # -- diffusers -----------------------------------------------------------------------------------
