@@ -129,7 +129,8 @@ def compute_in_blocks(
     A block (a few hundred KB) is still in this core's cache when it is written out, so the
     weight's bytes cross memory once in and once out, as in a copy, and memory holds a few
     blocks, not the weight: a 7B model merges in the memory of a small one. The blocks are
-    ``apply_delta``'s, so the bits and the sums are the same.
+    ``apply_delta``'s, so the bits and the sums are the same. Reading and writing several
+    blocks per call was measured slower (1 MB: 3.5× the write's system CPU, out of cache).
     """
     import torch
 

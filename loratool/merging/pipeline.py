@@ -1,13 +1,14 @@
-"""The streaming pipeline: a reader thread, worker threads and bounded buffer pools over the shards.
+"""The streaming pipeline: worker threads (and a reader thread) over the shards, bounded memory.
 
-Streaming: a reader thread ``pread``s the next targeted weights into reusable buffers (pinned on
-CUDA, where it also uploads them on its own stream); worker threads, each running single-threaded
-torch ops on its own tensor (on the CPU in cache-sized blocks of rows), compute and ``pwrite`` the
-result at its planned offset (one writer at a time), or ``copy_file_range`` untouched tensors
-file to file. On the CPU a weight whose dtype stays is merged in place, over the buffer it was
-read into. Memory is the runtime plus a few copies of the largest *targeted* weight (workers + 1;
-2 × workers + 1 where the dtype changes or on CUDA), whatever the size of the model or of its
-shards; nothing is memory-mapped.
+On the CPU each low-rank weight is one worker's job, done a cache-sized block of rows at a
+time (``compute.compute_in_blocks``): ``pread`` a block, merge it in place, ``pwrite`` it at its
+planned offset (one page-cache writer at a time), so memory holds a few blocks per worker,
+whatever the size of the weights, the shards or the model. Untouched tensors go file to file
+(``copy_file_range``). Jobs that need whole tensors (DoRA and other dense terms, sidecar
+corrections, CUDA) take the other road: a reader thread ``pread``s them ahead into reusable
+buffers (pinned on CUDA, where it also uploads them on its own stream), and a worker computes
+and writes each; that costs a few copies of the largest such weight (workers + 1; 2 × workers
++ 1 where the dtype changes or on CUDA). Nothing is memory-mapped.
 """
 
 from __future__ import annotations
