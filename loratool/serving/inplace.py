@@ -26,7 +26,9 @@ product suffices and is several times cheaper.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -42,14 +44,13 @@ _BLOCK = 1 << 18  # elements per block of rows on the CPU: 1 MiB of fp32 per tem
 class Corrections:
     """What ``unmerge_inplace`` writes back: W's original bits where the round trip misses."""
 
-    index: torch.Tensor  # flat indices into W (int32 when W is small enough, else int64)
-    bits: torch.Tensor  # W's original bits there, as W's integer view
-    counts: list[int]  # misses per block of rows, in order: index is sorted, split by these
+    index: list[torch.Tensor]  # per block of rows: flat indices into W (int32 if W allows)
+    bits: list[torch.Tensor]  # per block: W's original bits there, as W's integer view
     checksum: int  # Σ of W's bits as integers (int64, wrapping): checked after the unmerge
 
     @property
     def size(self) -> int:
-        return int(self.index.numel())
+        return sum(int(i.numel()) for i in self.index)
 
 
 class RestoreError(RuntimeError):
@@ -103,9 +104,51 @@ def _plan(W: torch.Tensor) -> tuple[int, int, int, torch.dtype]:
 
 
 def _checksum(bits: torch.Tensor) -> torch.Tensor:
+    """Σ of a block's bits, wrapping: read as int64 words where the block allows (no upcast copy,
+    a third of a switch otherwise); the same blocks, so the same choice, in both directions."""
     import torch
 
+    if (
+        bits.numel() * bits.element_size() % 8 == 0
+        and bits.storage_offset() * bits.element_size() % 8 == 0
+    ):
+        return bits.view(torch.int64).sum()
     return bits.sum(dtype=torch.int64)
+
+
+def _where_differ(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """Flat indices (int64) where two integer views differ: numpy's flatnonzero on the CPU (60×
+    faster than ``Tensor.nonzero`` there, single-threaded), ``nonzero`` on a GPU."""
+    import torch
+
+    mask = torch.ne(got, want, out=_buf("mask", (1, got.numel()), torch.bool, got.device)[0])
+    if mask.device.type == "cpu":
+        import numpy as np
+
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return mask.nonzero().squeeze(1)
+
+
+@contextlib.contextmanager
+def one_thread(device: torch.device) -> Iterator[None]:
+    """One intra-op thread on the CPU, in both directions.
+
+    Why: the blocks are small, and OpenMP regions over small blocks collapse when a shared
+    machine is oversubscribed (measured here, 2 cores at load 10: one SmolLM2 switch 20 s with
+    2 threads; see benchmarks/serve.py for the figure with one). And the product is then formed
+    by the same single-threaded kernel both ways, whatever the caller's thread setting.
+    """
+    import torch
+
+    if device.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def merge_inplace(
@@ -116,6 +159,11 @@ def merge_inplace(
     ``left`` [rows, r] and ``right`` [r, cols] are fp32 (or fp64) on W's device. A non-finite
     result raises ``CompatibilityError`` with W unchanged.
     """
+    with one_thread(W.device):
+        return _merge(W, left, right, where)
+
+
+def _merge(W: torch.Tensor, left: torch.Tensor, right: torch.Tensor, where: str) -> Corrections:
     import torch
 
     rows, cols, step, cdt = _plan(W)
@@ -123,7 +171,6 @@ def merge_inplace(
     idx_dtype = torch.int32 if W.numel() < 2**31 else torch.int64
     idx_parts: list[torch.Tensor] = []
     bit_parts: list[torch.Tensor] = []
-    counts: list[int] = []
     total = torch.zeros((), dtype=torch.int64, device=dev)
     for i in range(0, rows, step):
         k = min(step, rows - i)
@@ -144,7 +191,7 @@ def merge_inplace(
             back.copy_(r)  # unmerge's rounding
         wbits = wb.view(ints).view(-1)
         total += _checksum(wbits)
-        miss = (back.view(ints).view(-1) != wbits).nonzero().squeeze(1)
+        miss = _where_differ(back.view(ints).view(-1), wbits)
         if miss.numel():
             bad = ~torch.isfinite(new.view(-1)[miss]) & torch.isfinite(wb.reshape(-1)[miss])
             if bool(bad.any()):
@@ -156,9 +203,8 @@ def merge_inplace(
                 )
         idx_parts.append((miss + i * cols).to(idx_dtype))  # one part per block, maybe empty
         bit_parts.append(wbits[miss])  # W's bits there, before the block is overwritten
-        counts.append(int(miss.numel()))
         wb.copy_(new)
-    return Corrections(torch.cat(idx_parts), torch.cat(bit_parts), counts, int(total))
+    return Corrections(idx_parts, bit_parts, int(total))
 
 
 def unmerge_inplace(
@@ -166,15 +212,16 @@ def unmerge_inplace(
 ) -> None:
     """``W ← round(W − left @ right)``, then W's original bits at the misses: the base again."""
     rows, _, _, cdt = _plan(W)
-    total = _restore(
-        W,
-        left,
-        right,
-        list(fix.index.split(fix.counts)),
-        list(fix.bits.split(fix.counts)),
-        cdt,
-        rows=rows,
-    )
+    with one_thread(W.device):
+        total = _restore(
+            W,
+            left,
+            right,
+            fix.index,
+            fix.bits,
+            cdt,
+            rows=rows,
+        )
     if total != fix.checksum:
         raise RestoreError(
             f"'{where}' did not come back bit for bit after unmerging (its checksum differs): "
