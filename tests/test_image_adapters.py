@@ -90,6 +90,9 @@ def _peft_configs(targets: list[str], conv: bool) -> list[Any]:
     ]
     if conv:  # Tucker forms (PEFT's use_effective_conv2d) exist for 3×3 convs only
         out += [
+            LoraConfig(
+                r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, use_dora=True
+            ),
             LoHaConfig(
                 r=4, alpha=8, target_modules=targets, init_weights=False, use_effective_conv2d=True
             ),

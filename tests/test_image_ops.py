@@ -223,3 +223,39 @@ def test_diffusers_file_round_trips(locon: dict[str, Path]) -> None:
     assert set(got) == set(want)
     for name, d in want.items():
         assert close(got[name], d, 1e-7)
+
+
+def test_conv_dora_merges_reversibly(tmp_path: Path) -> None:
+    """A LoCon with DoRA (LyCORIS dora_scale, per output channel): merge --reversible, unmerge
+    gives the base back bit for bit; the merged weight is m ⊙ V/‖V‖ per output channel."""
+    from safetensors.torch import load_file, save_file
+
+    from loratool.checkpoint import Checkpoint
+
+    write_locon(tmp_path / "locon.safetensors")
+    sd = load_file(str(tmp_path / "locon.safetensors"))
+    base = Checkpoint(image_models.unet_dir())
+    m = "down_blocks.0.resnets.0.conv1"
+    w = base.read(m + ".weight").double()
+    k = "lora_unet_" + m.replace(".", "_")
+    norm = w.reshape(w.shape[0], -1).norm(dim=1)
+    sd[k + ".dora_scale"] = (norm * 1.1).reshape(-1, 1, 1, 1).float()
+    save_file(sd, str(tmp_path / "dora.safetensors"))
+    a = str(tmp_path / "a.safetensors")
+    cli_ok(
+        "convert",
+        str(tmp_path / "dora.safetensors"),
+        "-o",
+        a,
+        "--base",
+        str(image_models.unet_dir()),
+    )
+    cli_ok("merge", str(image_models.unet_dir()), a, "-o", str(tmp_path / "m"), "--reversible")
+    merged = Checkpoint(tmp_path / "m").read(m + ".weight").double()
+    t = open_adapter(a).adapter.targets[m]
+    v = w + t.delta(torch.float64)
+    want = v * (norm * 1.1 / v.reshape(v.shape[0], -1).norm(dim=1)).reshape(-1, 1, 1, 1)
+    assert close(merged, want, 1e-6)
+    cli_ok("unmerge", str(tmp_path / "m"), a, "-o", str(tmp_path / "u"))
+    back = Checkpoint(tmp_path / "u")
+    assert all(base.read_bytes(key) == back.read_bytes(key) for key in base.entries)

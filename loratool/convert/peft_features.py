@@ -148,7 +148,9 @@ def attach(
             )
         parts: dict[str, torch.Tensor] = {}
         if module in ex.dora:
-            parts[C.PART_MAGNITUDE] = _read(st, ex.dora[module], t.dtype)
+            m = _read(st, ex.dora[module], t.dtype)
+            # PEFT's Conv2d DoRA keeps the magnitude as [1, out, 1, 1] (DoraConv2dLayer)
+            parts[C.PART_MAGNITUDE] = m.reshape(-1) if t.kind == C.KIND_CONV2D else m
         if module in ex.lora_bias:
             parts[C.PART_LORA_BIAS] = _read(st, ex.lora_bias[module], t.dtype)
         out[module] = t.replace(features=[*t.features, *_features(parts)], tensors=parts)
@@ -327,7 +329,8 @@ def peft_tensors(adapter: Adapter) -> dict[str, torch.Tensor]:
     for t in adapter.targets.values():
         p = KEY_PREFIX + t.name
         if C.FEATURE_DORA in t.features:
-            out[p + PEFT_MAGNITUDE] = t.part(C.PART_MAGNITUDE)
+            m = t.part(C.PART_MAGNITUDE)
+            out[p + PEFT_MAGNITUDE] = m.reshape(1, -1, 1, 1) if t.kind == C.KIND_CONV2D else m
         if C.FEATURE_LORA_BIAS in t.features:
             out[p + PEFT_LORA_BIAS] = t.part(C.PART_LORA_BIAS)
         if C.PART_BIAS_DELTA in t.parts():

@@ -12,8 +12,9 @@ shape. LyCORIS' Tucker form (``lora_mid [r, r, kh, kw]`` between a 1×1 ``lora_d
 ``lora_up``) is read into this form exactly: A = mid ×₂ down, the same rank (convert/lycoris).
 
 DoRA on a conv (§3.5) normalises per output channel, over ``in·kh·kw`` (PEFT's
-``_get_weight_norm`` for Conv2d: ``dim=(1, 2, 3)``). Merging is dense (``needs_dense``): one
-weight at a time, in fp32 or fp64, rounded once.
+``_get_weight_norm`` for Conv2d: ``dim=(1, 2, 3)``): ``from_stored`` gives the weight as that
+matrix, so features.py's DoRA rule applies unchanged. Plain conv LoRA merges through the
+stacked product like Linear (several adapters on one weight sum exactly); DoRA densely.
 """
 
 from __future__ import annotations
@@ -119,19 +120,20 @@ class Conv2d(Kind):
         a, b = (x.detach().to(device=device, dtype=dtype) for x in self.matrix(t))
         return ((b * t.scale) @ a).reshape(self.bound(t)[1])
 
+    def stored_factors(
+        self, lora_A: torch.Tensor, lora_B: torch.Tensor, coef: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(coef·B [out, r], A [r, in·kh·kw])``: their product is ΔW on the weight seen as
+        ``[out, in·kh·kw]`` (the merge's stacked product views a conv weight that way)."""
+        return lora_B.reshape(lora_B.shape[0], -1) * coef, lora_A.reshape(lora_A.shape[0], -1)
+
+    def from_stored(self, weight: torch.Tensor) -> torch.Tensor:
+        """A conv weight (or difference) as the matrix ``[out, in·kh·kw]`` (a view): ΔW's and
+        DoRA's per-output-channel norm's orientation."""
+        return weight.reshape(weight.shape[0], -1) if weight.dim() == 4 else weight
+
     def needs_dense(self, t: Target) -> bool:
-        return True  # the stacked product path works on 2-D weights only
-
-    def merge_weight(self, t: Target, W: torch.Tensor, coef: float) -> torch.Tensor:
-        import torch
-
-        V = W + coef * self.dense_delta(t, W.dtype, W.device)
-        if C.FEATURE_DORA not in t.features:
-            return V
-        # DoRA per output channel: m ⊙ V / ‖V‖ over (in, kh, kw), PEFT's Conv2d norm.
-        m = t.part(C.PART_MAGNITUDE).detach().to(device=W.device, dtype=W.dtype)
-        norm = torch.linalg.vector_norm(V.reshape(V.shape[0], -1), dim=1)
-        return V * (m / norm).reshape(-1, 1, 1, 1)
+        return C.FEATURE_DORA in t.features  # plain conv LoRA stacks like Linear
 
     def exact_inverse(self, t: Target) -> bool:
         return C.FEATURE_DORA not in t.features

@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 
 def lowrank_delta(t: Target, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """``scale·B·A`` in ``[out, in]``, the factors upcast exactly, the product in ``dtype``."""
+    from . import get
+
+    dense = getattr(get(t.kind), "dense_delta", None)
+    if dense is not None:  # conv2d: ΔW shaped like the weight [out, in, kh, kw]
+        return dense(t, dtype, device)
     a = t.lora_A.detach().to(device=device, dtype=dtype)
     b = t.lora_B.detach().to(device=device, dtype=dtype)
     return (b * t.scale) @ a
@@ -33,11 +38,14 @@ def dora_norm(kind: Kind, V: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(kind.from_stored(V), dim=1)
 
 
-def dora_scale(kind: Kind, t: Target, norm: torch.Tensor) -> torch.Tensor:
-    """``m / ‖V‖`` shaped to broadcast over the stored weight (rows for Linear, columns else)."""
+def dora_scale(kind: Kind, t: Target, norm: torch.Tensor, ndim: int = 2) -> torch.Tensor:
+    """``m / ‖V‖`` shaped to broadcast over the stored weight (rows for Linear, columns else;
+    output channels of an ``ndim``-d conv weight)."""
     m = t.part(C.PART_MAGNITUDE).detach().to(device=norm.device, dtype=norm.dtype)
     f = m / norm
-    return f.unsqueeze(0) if kind.transposed else f.unsqueeze(1)
+    if kind.transposed:
+        return f.unsqueeze(0)
+    return f.reshape(-1, *([1] * (ndim - 1)))
 
 
 def dora_merge(
@@ -45,14 +53,14 @@ def dora_merge(
 ) -> torch.Tensor:
     """DoRA's merged weight ``m ⊙ V/‖V‖``, ``V = W + coef·ΔW`` (coef is 1: plan refuses others)."""
     V = W + coef * delta
-    return dora_scale(kind, t, dora_norm(kind, V)) * V
+    return dora_scale(kind, t, dora_norm(kind, V), V.dim()) * V
 
 
 def dora_unmerge(
     kind: Kind, t: Target, W: torch.Tensor, delta: torch.Tensor, norm: torch.Tensor
 ) -> torch.Tensor:
     """The inverse of ``dora_merge`` given the pre-merge norms ‖V‖ (the reversible sidecar's)."""
-    return W / dora_scale(kind, t, norm.to(W.dtype)) - delta
+    return W / dora_scale(kind, t, norm.to(W.dtype), W.dim()) - delta
 
 
 def bias_delta(t: Target, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
