@@ -25,10 +25,12 @@ def resolve(spec: str | os.PathLike[str]) -> Adapter:
     """The adapter at a path (any format ``convert`` reads) or ``hf://REPO[@REV][/FILE]``."""
     text = os.fspath(spec)
     if text.startswith(HF):
-        from ..hub import pull
+        from ..hub import parse_hf_uri, pull
 
-        repo, _, filename = text[len(HF) :].partition("/")
-        return pull(repo, out=None, filename=filename or None).adapter
+        if text[len(HF) :].count("/") == 1:  # hf://OWNER/NAME[@REV]: the repo's files pick
+            return pull(text[len(HF) :], out=None).adapter
+        repo_id, revision, filename = parse_hf_uri(text)  # hf://OWNER/NAME[@REV]/FILE
+        return pull(repo_id, revision=revision, out=None, filename=filename).adapter
     from ..sources import open_adapter
 
     if not os.path.exists(text):
