@@ -259,3 +259,40 @@ def test_conv_dora_merges_reversibly(tmp_path: Path) -> None:
     cli_ok("unmerge", str(tmp_path / "m"), a, "-o", str(tmp_path / "u"))
     back = Checkpoint(tmp_path / "u")
     assert all(base.read_bytes(key) == back.read_bytes(key) for key in base.entries)
+
+
+def test_sdxl_kohya_names_resolve_per_component(tmp_path: Path) -> None:
+    """lora_unet_/lora_te1_/lora_te2_ against an SDXL pipeline folder: unet/, text_encoder/ and
+    text_encoder_2/ (transformers 5 drops CLIP's text_model. level in one and not the other)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(2)
+    names = {
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q": (64, 64),
+        "lora_unet_down_blocks_1_attentions_0_proj_in": (64, 64),  # linear in SDXL
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (32, 32),
+        "lora_te2_text_model_encoder_layers_1_mlp_fc1": (37, 32),
+    }
+    sd: dict[str, Any] = {}
+    for k, (o, i) in names.items():
+        sd[k + ".lora_down.weight"] = torch.randn(2, i, generator=g)
+        sd[k + ".lora_up.weight"] = torch.randn(o, 2, generator=g)
+    save_file(sd, str(tmp_path / "sdxl.safetensors"))
+    out = tmp_path / "a.safetensors"
+    root = image_models.build("tiny-sdxl")
+    cli_ok("convert", str(tmp_path / "sdxl.safetensors"), "-o", str(out), "--base", str(root))
+    got = sorted(open_adapter(str(out)).adapter.targets)
+    assert got == [
+        "text_encoder.encoder.layers.0.self_attn.q_proj",
+        "text_encoder_2.text_model.encoder.layers.1.mlp.fc1",
+        "unet.down_blocks.1.attentions.0.proj_in",
+        "unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q",
+    ]
+    # and back to kohya: the component prefixes return
+    back = tmp_path / "k.safetensors"
+    cli_ok("convert", str(out), "-o", str(back), "--to", "kohya")
+    from loratool.convert._st import open_st
+
+    keys = {k.rsplit(".", 2)[0] for k in open_st(back).tensors if k.endswith("lora_down.weight")}
+    assert "lora_te2_text_model_encoder_layers_1_mlp_fc1" in keys
+    assert "lora_unet_down_blocks_1_attentions_0_proj_in" in keys
