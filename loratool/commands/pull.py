@@ -38,6 +38,12 @@ from ..console import emit_json, info
     help="Read pickled weights (adapter_model.bin, kohya .pt/.ckpt) with the restricted "
     "unpickler (tensors and plain containers only); the output is safetensors.",
 )
+@click.option(
+    "--base",
+    type=click.Path(exists=True),
+    help="A local base model: binds a converted adapter to it, as convert --base (PEFT "
+    "trainable tokens and trained biases need it).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
 def command(
     repo: str,
@@ -48,6 +54,7 @@ def command(
     endpoint: str | None,
     timeout: float | None,
     allow_pickle: bool,
+    base: str | None,
     as_json: bool,
 ) -> None:
     """Download REPO_ID's adapter and write it in loratool's format, verified.
@@ -73,6 +80,7 @@ def command(
         progress=sys.stderr.isatty() and not as_json,
         timeout=timeout,
         allow_pickle=allow_pickle,
+        base=base,
     )
     if as_json:
         emit_json(report.to_dict())

@@ -77,6 +77,7 @@ def pull(
     cache_dir: str | os.PathLike[str] | None = None,
     timeout: float | None = None,
     allow_pickle: bool = False,
+    base: str | os.PathLike[str] | None = None,
 ) -> PullReport:
     """Download an adapter through the Hugging Face cache, verify it, and write it to ``out``.
 
@@ -91,6 +92,8 @@ def pull(
     for a connection or a byte; downloads are retried and verified as ``hub.net`` and
     ``hub.fetch`` say. Pickled weights (``adapter_model.bin``, kohya ``.pt``) are refused unless
     ``allow_pickle``, which reads their tensors with ``loratool.unpickle`` and never again.
+    ``base`` (a local base model) binds a converted adapter to it as ``convert --base`` does:
+    what a PEFT file leaves to the base (a tokens target's vocabulary, bias values) comes from it.
     """
     from .._io import check_output
 
@@ -157,6 +160,10 @@ def pull(
     with _opened(main_path, paths, where=where, allow_pickle=allow_pickle) as opened:
         adapter, fmt, sha256, src, from_pickle = opened
         converted = fmt != "loratool"
+        if converted and base is not None:
+            from ..convert.core import bind_to_base
+
+            adapter, _ = bind_to_base(adapter, base, [])
         if converted:
             adapter.provenance = dict(adapter.provenance)
             adapter.provenance.setdefault(
