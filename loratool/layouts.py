@@ -159,7 +159,10 @@ def unet_aliases(keys: Iterable[str]) -> dict[str, str]:
     for key in keys:
         for prefix, component in TEXT_PREFIXES.items():
             if key.startswith(prefix):
-                out[component + key[len(prefix) :]] = key
+                rest = key[len(prefix) :]
+                out[component + rest] = key
+                if rest.startswith("text_model."):  # transformers 5's CLIPTextModel drops it
+                    out.setdefault(component + rest[len("text_model.") :], key)
     return out
 
 
