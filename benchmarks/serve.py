@@ -11,7 +11,7 @@
    Models: SmolLM2-135M (fixtures/models.py) and a synthetic sharded bf16 Llama of ~0.85B
    parameters (benchmarks/make_synthetic_llama.py --layers 13); random rank-16 adapters on all
    seven projections, alpha 32, saved as loratool files and PEFT directories with the same factors.
-2. Mixed-batch throughput on SmolLM2: 8 requests per batch, greedy, the same prompts and token
+2. Mixed-batch throughput (SmolLM2, or --throughput-model 0.85b): 8 requests per batch, greedy, the same prompts and token
    counts, with every row on one adapter, or the rows spread over 2 or 8 adapters (``MultiLora``:
    a per-row gather of the stacked factors), and the bare base for reference.
 
@@ -188,7 +188,12 @@ def throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from loratool.serving.batched import MultiLora
     from loratool.serving.generation import Row, Sampling, generate
 
-    model_dir = base_for("smollm2", work)
+    model_dir = base_for(args.throughput_model, work)
+    if not (model_dir / "tokenizer_config.json").exists():
+        # the synthetic model has no tokenizer: SmolLM2's (49k ids, inside its vocabulary) will do
+        for f in base_for("smollm2", work).iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+                shutil.copy(f, model_dir / f.name)
     b = load_base(str(model_dir), device=args.device)
     multi = MultiLora(b.model)
     for k in range(8):
@@ -230,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--work", type=Path, help="scratch folder kept between runs")
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--throughput-model", default="smollm2", help="smollm2 or 0.85b")
     args = ap.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="loratool-bench-serve-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -251,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         t = throughput(args, work)
         results["throughput"] = t
         rates = t["tokens_per_s"]
-        print(f"\nmixed batches on smollm2: {t['batch']} rows × {t['new_tokens']} new tokens")
+        print(
+            f"\nmixed batches on {args.throughput_model}: "
+            f"{t['batch']} rows × {t['new_tokens']} new tokens"
+        )
         for k, v in rates.items():
             print(f"  {k:11s} {v:8.1f} tokens/s   ×{v / rates['1 adapter']:.2f} of 1 adapter")
     print(json.dumps(results, indent=2))

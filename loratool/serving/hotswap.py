@@ -11,7 +11,7 @@ weighted mix, or none active (``activate``), without reloading the model:
 * merged: ``W ← round(W + ΔW)`` in place (``inplace.merge_inplace``: ΔW = L·R formed once per
   switch in fp32 from factors cached in fp32 on the weight's device at load, one rounding of the
   sum), keeping the elements where ``round(W' − ΔW)`` is not W, with W's original bits (the
-  reversible merge's corrections, in memory: usually a few per million in fp32). Switching away
+  reversible merge's corrections, in memory: ~1% of the elements for SmolLM2 in fp32). Switching away
   subtracts the same ΔW and writes those elements back, so the base returns bit for bit
   (``torch.equal`` on every weight), and costs no extra latency per token. Each direction is
   about one pass over the targeted weights.

@@ -2,8 +2,8 @@
 
 ``merge_inplace(W, L, R)`` makes ``W ← round(W + L@R)`` and returns the ``Corrections`` that
 ``unmerge_inplace`` needs to give back W's exact bits: the elements where ``round(W' − L@R)``
-is not W (rounding destroyed information there; usually a few per million in fp32, more in
-bf16), as (flat index, W's original bits). Both directions cost about one pass over W:
+is not W (rounding destroyed information there: where ΔW is large next to W, up to ~1% of a
+weight for random r=16 adapters on SmolLM2 in fp32), as (flat index, W's original bits). Both directions cost about one pass over W:
 
 * ΔW = L@R is formed in fp32 (fp64 for an fp64 weight) from factors the caller caches in fp32 on
   W's device, block of rows by block of rows (on the CPU the temporaries stay in cache; on a GPU
@@ -108,6 +108,7 @@ def _checksum(bits: torch.Tensor) -> torch.Tensor:
     a third of a switch otherwise); the same blocks, so the same choice, in both directions."""
     import torch
 
+    bits = bits.reshape(-1)  # a contiguous block: a view
     if (
         bits.numel() * bits.element_size() % 8 == 0
         and bits.storage_offset() * bits.element_size() % 8 == 0
