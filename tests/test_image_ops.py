@@ -296,3 +296,30 @@ def test_sdxl_kohya_names_resolve_per_component(tmp_path: Path) -> None:
     keys = {k.rsplit(".", 2)[0] for k in open_st(back).tensors if k.endswith("lora_down.weight")}
     assert "lora_te2_text_model_encoder_layers_1_mlp_fc1" in keys
     assert "lora_unet_down_blocks_1_attentions_0_proj_in" in keys
+
+
+def test_kohya_unet_and_text_encoder_merge_into_the_single_file(tmp_path: Path) -> None:
+    """A kohya file with lora_unet_ and lora_te_ modules, bound to the SD single file (which
+    holds both) and merged into it: each weight changes by its ΔW under its LDM name."""
+    from safetensors.torch import load_file, save_file
+
+    from loratool.layouts import unet_aliases
+
+    write_locon(tmp_path / "locon.safetensors")
+    sd = load_file(str(tmp_path / "locon.safetensors"))
+    g = torch.Generator().manual_seed(4)
+    te = "lora_te_text_model_encoder_layers_1_self_attn_v_proj"
+    sd[te + ".lora_down.weight"] = torch.randn(2, 32, generator=g)
+    sd[te + ".lora_up.weight"] = torch.randn(32, 2, generator=g)
+    save_file(sd, str(tmp_path / "both.safetensors"))
+    single = image_models.single_file()
+    a = str(tmp_path / "a.safetensors")
+    cli_ok("convert", str(tmp_path / "both.safetensors"), "-o", a, "--base", str(single))
+    cli_ok("merge", str(single), a, "-o", str(tmp_path / "m.safetensors"))
+    before, after = load_file(str(single)), load_file(str(tmp_path / "m.safetensors"))
+    names = unet_aliases(before)
+    adapter = open_adapter(a).adapter
+    assert len(adapter.targets) == len(SD_MODULES) + 1
+    for name, t in adapter.targets.items():
+        key = names[name + ".weight"]
+        assert close((after[key].double() - before[key].double()), t.delta(torch.float64), 1e-5)

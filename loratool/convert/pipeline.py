@@ -66,9 +66,13 @@ class PipelineCheckpoint(Checkpoint):
 
 
 def base_modules(ckpt: Checkpoint, *, conv: bool = False) -> list[str]:
+    """Module paths of the base's 2-D (and with ``conv`` 4-D) weights; a single-file SD
+    checkpoint's under their diffusers names only, so one weight never matches twice."""
     dims = (2, 4) if conv else (2,)
-    keys = [k for k, e in ckpt.entries.items() if len(e.info.shape) in dims]
-    keys += [k for k, v in ckpt.aliases().items() if len(ckpt.shape(v)) in dims]
+    aliases = ckpt.aliases()
+    named = set(aliases.values())
+    keys = [k for k, e in ckpt.entries.items() if len(e.info.shape) in dims and k not in named]
+    keys += [k for k, v in aliases.items() if len(ckpt.shape(v)) in dims]
     return [k[: -len(".weight")] for k in keys if k.endswith(".weight")]
 
 
