@@ -269,3 +269,52 @@ def test_inspect_and_verify_show_every_feature(tiny_llama_dir: Path, tmp_path: P
     assert (
         checks["features"]["ok"] and "requires dora, full, tokens" in checks["features"]["detail"]
     )
+
+
+def test_reduce_rank_keeps_features_and_carries_whole_tensors(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """reduce-rank on a DoRA + tokens + modules_to_save adapter: the low-rank part is reduced,
+    the magnitude kept, whole tensors carried; with --base the whole DoRA update's error is
+    reported (0 at the full rank, the merged model unchanged)."""
+    from loratool.cli import cli
+    from loratool.format import load
+
+    model = _model(tiny_llama_dir)
+    lora.inject(
+        model, targets="q_proj", rank=4, alpha=8, dora=True, trainable_tokens=[5, 7],
+        modules_to_save=["model.norm"],
+    )  # fmt: skip
+    with torch.no_grad():
+        for p in lora.lora_parameters(model).values():
+            p.add_(torch.randn_like(p) * 0.1)
+    lora.extract_adapter(model).save(tmp_path / "a.safetensors")
+    a = load(tmp_path / "a.safetensors")
+    for k, name in ((4, "same"), (2, "half")):
+        args = [
+            "reduce-rank",
+            str(tmp_path / "a.safetensors"),
+            "-o",
+            str(tmp_path / f"{name}.safetensors"),
+        ]
+        r = CliRunner().invoke(
+            cli, [*args, "--rank", str(k), "--base", str(tiny_llama_dir), "--json"]
+        )
+        assert r.exit_code == 0, r.output
+        doc = json.loads(r.stdout)
+        errors = [t["update_error"] for t in doc["targets"]]
+        assert len(errors) == 2 and (max(errors) <= 1e-6 if k == 4 else min(errors) > 0)
+        b = load(tmp_path / f"{name}.safetensors")
+        assert b.requires == a.requires == ["dora", "full", "tokens"]
+        for t in a.targets.values():
+            u = b.targets[t.name]
+            if not t.lowrank:
+                assert all(torch.equal(u.part(p), x) for p, x in t.tensors().items())
+                continue
+            assert u.rank == k and torch.equal(u.part("magnitude"), t.part("magnitude"))
+            assert abs(u.scale - t.scale) < 1e-12
+            if k == 4:
+                assert torch.allclose(u.delta(), t.delta(), atol=1e-6)
+    r = CliRunner().invoke(cli, ["reduce-rank", str(tmp_path / "a.safetensors"), "-o",
+                                 str(tmp_path / "nb.safetensors"), "--rank", "2"])  # fmt: skip
+    assert r.exit_code == 0 and "pass the base" in r.output

@@ -170,6 +170,12 @@ def finish(
 @click.argument("adapter")
 @output_options
 @rule_options
+@click.option(
+    "--base",
+    type=click.Path(exists=True),
+    help="The base model: DoRA targets then also report the relative error of their whole "
+    "update (m ⊙ V/‖V‖ − W), not only of the low-rank part.",
+)
 def command(
     adapter: str,
     output: str,
@@ -177,11 +183,16 @@ def command(
     as_json: bool,
     all_rows: bool,
     rules: dict[str, Any],
+    base: str | None,
 ) -> None:
     """Keep the top-k singular triplets of every target of ADAPTER (any format convert reads).
 
     Exact: QR of both factors and an SVD of the r×r core, never the dense B·A. Each target keeps
     its scale rule and effective scale (alpha is rescaled for the new rank) and its dtype.
+
+    Spec 1.1 parts: DoRA's magnitude, a LoRA bias and a bias delta are kept as they are and only
+    the low-rank part is reduced (DoRA: with --base the whole update's error is reported too);
+    whole tensors (modules_to_save, trainable tokens, bias deltas) are carried unchanged.
     """
     from .._io import check_output
     from ..lowrank import make_rule, reduce_rank
@@ -190,7 +201,7 @@ def command(
     make_rule(**rules)  # flag mistakes before reading anything
     check_output(output, force=force)
     opened = open_adapter(adapter)
-    result, report = reduce_rank(opened.adapter, **rules)
+    result, report = reduce_rank(opened.adapter, base=base, **rules)
     result.save(output, force=force)
     extra = {"input": adapter, "input_format": opened.format}
     finish(report, output, as_json, extra, all_rows=all_rows)

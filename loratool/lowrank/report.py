@@ -32,6 +32,9 @@ class TargetReport:
     # ‖ΔW − ΔW_k‖_F / ‖ΔW‖_F, from the dropped σ (or, for a randomized SVD, the residual itself)
     # rather than sqrt(1 − retained), which would cancel catastrophically near 1.
     relative_error: float = 0.0
+    # DoRA (spec 1.1): the relative error of the whole merged update m ⊙ V/‖V‖ − W (needs the
+    # base), where relative_error is the low-rank part's; None when not computed
+    update_error: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -49,6 +52,7 @@ class TargetReport:
             "bytes_after": self.bytes_after,
             "zero": self.zero,
             "method": self.method,
+            **({} if self.update_error is None else {"update_error": self.update_error}),
         }
 
 
