@@ -171,6 +171,15 @@ class Checkpoint:
         alias = self.aliases().get(exact)
         if alias is not None:
             return alias
+        if module.startswith(("lora_", "lycoris_")):  # a kohya name: its one underscored match
+            from .layouts import kohya_index, kohya_key
+
+            cache = self.__dict__.setdefault("_kohya", {})  # per suffix, built once
+            if suffix not in cache:
+                cache[suffix] = kohya_index([*self.entries, *self.aliases()], suffix)
+            hit = kohya_key(module, cache[suffix])
+            if hit is not None:
+                return self.aliases().get(hit, hit)
         candidates = {k for k in self.entries if k.endswith("." + exact)}
         parts = module.split(".", 1)
         if len(parts) == 2 and parts[1] + suffix in self.entries:

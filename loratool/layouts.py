@@ -241,3 +241,35 @@ def diffusers_unet_to_single(keys: Iterable[str]) -> dict[str, str]:
         if ldm is not None:
             out[key] = UNET_PREFIX + ldm
     return out
+
+
+# kohya prefixes (sd-scripts networks/lora*.py, LyCORIS' bare-model "lycoris_"), longest first.
+KOHYA_PREFIXES = (
+    "lora_transformer_",
+    "lora_unet_",
+    "lora_te1_",
+    "lora_te2_",
+    "lora_te3_",
+    "lycoris_",
+    "lora_te_",
+    "lora_",
+)
+
+
+def kohya_index(keys: Iterable[str], suffix: str = ".weight") -> dict[str, list[str]]:
+    """underscored module path → the tensor keys (ending in ``suffix``) it stands for."""
+    index: dict[str, list[str]] = {}
+    for key in keys:
+        if key.endswith(suffix):
+            index.setdefault(key[: -len(suffix)].replace(".", "_"), []).append(key)
+    return index
+
+
+def kohya_key(name: str, index: dict[str, list[str]]) -> str | None:
+    """The one key a kohya module name means in a checkpoint (exact underscored match after
+    the kohya prefix); None for no match or an ambiguous one — never a guess."""
+    for prefix in KOHYA_PREFIXES:
+        if name.startswith(prefix):
+            hits = index.get(name[len(prefix) :], [])
+            return hits[0] if len(hits) == 1 else None
+    return None

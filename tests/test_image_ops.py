@@ -323,3 +323,14 @@ def test_kohya_unet_and_text_encoder_merge_into_the_single_file(tmp_path: Path) 
     for name, t in adapter.targets.items():
         key = names[name + ".weight"]
         assert close((after[key].double() - before[key].double()), t.delta(torch.float64), 1e-5)
+
+
+def test_kohya_files_merge_without_converting_first(locon: dict[str, Path]) -> None:
+    """merge resolves kohya names against the base itself (one exact underscored match)."""
+    from loratool.checkpoint import Checkpoint
+
+    d = locon["dir"]
+    cli_ok("merge", str(image_models.unet_dir()), str(locon["kohya"]), "-o", str(d / "mk"))
+    cli_ok("merge", str(image_models.unet_dir()), str(locon["loratool"]), "-o", str(d / "ml"))
+    a, b = Checkpoint(d / "mk"), Checkpoint(d / "ml")
+    assert all(a.read_bytes(k) == b.read_bytes(k) for k in a.entries)
