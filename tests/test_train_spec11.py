@@ -318,3 +318,46 @@ def test_reduce_rank_keeps_features_and_carries_whole_tensors(
     r = CliRunner().invoke(cli, ["reduce-rank", str(tmp_path / "a.safetensors"), "-o",
                                  str(tmp_path / "nb.safetensors"), "--rank", "2"])  # fmt: skip
     assert r.exit_code == 0 and "pass the base" in r.output
+
+
+def test_combine_sums_biases_carries_replacements_refuses_the_rest(
+    tiny_bert_dir: Path, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """combine: bias features and bias kinds add with their weights (the merged model is the sum
+    of both updates), a replacement from one input at weight 1 is carried, a tensor replaced
+    twice and DoRA are refused."""
+    import loratool
+    from loratool.errors import UsageError
+    from loratool.lowrank import combine
+
+    def trained(seed: int, **options: Any) -> loratool.Adapter:
+        torch.manual_seed(seed)
+        model = _model(tiny_bert_dir)
+        lora.inject(model, targets="query", rank=2, **options)
+        with torch.no_grad():
+            for p in lora.lora_parameters(model).values():
+                p.add_(torch.randn_like(p) * 0.1)
+        return lora.extract_adapter(model)
+
+    a, b = trained(1, bias="all"), trained(2, bias="all")
+    c, _ = combine([a, b], weights=[0.5, 2.0])
+    for name, t in a.targets.items():
+        got = c.targets[name].part("bias_delta").double()
+        want = (
+            0.5 * t.part("bias_delta").double() + 2.0 * b.targets[name].part("bias_delta").double()
+        )
+        assert torch.allclose(got, want, atol=1e-6), name
+        if t.lowrank:
+            d = 0.5 * t.delta(torch.float64) + 2.0 * b.targets[name].delta(torch.float64)
+            assert torch.allclose(c.targets[name].delta(torch.float64), d, atol=1e-6)
+    saved = trained(3, modules_to_save=["pooler.dense"])
+    c, _ = combine([saved, trained(5, bias="lora_only")])
+    assert torch.equal(
+        c.targets["pooler.dense"].part("weight"), saved.targets["pooler.dense"].part("weight")
+    )
+    with pytest.raises(UsageError, match="replace the same"):
+        combine([saved, saved])
+    with pytest.raises(UsageError, match="needs the base"):
+        combine([saved, trained(5)], weights=[0.5, 1.0])
+    with pytest.raises(UsageError, match="magnitudes do not add"):
+        combine([trained(4, dora=True), a])

@@ -36,6 +36,11 @@ def command(
     [A_1; A_2; …], so different ranks, alphas, rsLoRA flags and dtypes combine correctly. With a
     rank rule the QR core then keeps the best rank-k approximation of the sum. Targets present in
     only some inputs are kept. The result has scale 1 (alpha = rank) and the widest input dtype.
+
+    Spec 1.1 parts: LoRA biases and bias deltas add with their weights (Σ w·s·b, Σ w·δ);
+    a whole tensor (modules_to_save, trainable tokens) from one input at weight 1 is carried,
+    and refused when two inputs replace the same tensor or at another weight; DoRA is refused
+    (magnitudes do not add).
     """
     from .._io import check_output
     from ..errors import UsageError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from typing import Unpack
+from typing import TYPE_CHECKING, Unpack
 
 from .. import constants as C
 from .. import kinds
@@ -15,12 +15,96 @@ from .report import LowRankReport, report_row, source_entry
 from .rules import RuleArgs, check_rule_keys, make_rule
 from .shapes import fan_in, lora_like
 
+if TYPE_CHECKING:
+    import torch
+
 
 def _widest_dtype(names: Iterable[str]) -> str:
     kinds = set(names)
     if len(kinds) == 1:
         return kinds.pop()
     return "F32"  # any F32 wins; F16 with BF16 needs F32 to hold both ranges and mantissas
+
+
+_WHOLE = (C.KIND_FULL, C.KIND_TOKENS, C.KIND_BIAS)
+_SUMMED = frozenset({C.FEATURE_LORA_BIAS, C.FEATURE_BIAS})  # features with an exact weighted sum
+
+
+def _summable(t: Target) -> bool:
+    """Targets combine sums exactly (spec §3.7): LoRA pairs of a 1.0 kind or plain conv2d,
+    their lora_bias and bias features, and the whole-tensor kinds (``_whole_targets``). DoRA's
+    magnitudes do not add; it is refused by its kind's reason."""
+    if t.kind in _WHOLE:
+        return True
+    if t.kind == C.KIND_CONV2D:
+        return not t.features
+    return t.kind in C.KINDS_10 and set(t.features) <= _SUMMED
+
+
+def _features_of_parts(parts: dict[str, torch.Tensor]) -> list[str]:
+    by_part = {C.PART_LORA_BIAS: C.FEATURE_LORA_BIAS, C.PART_BIAS_DELTA: C.FEATURE_BIAS}
+    return sorted(by_part[p] for p in parts)
+
+
+def _feature_sums(
+    parts: Sequence[tuple[float, Target]], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """Σ w_i·s_i·lora_bias_i and Σ w_i·bias_delta_i over the inputs that have them (fp64)."""
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    for w, t in parts:
+        for feature, part, c in (
+            (C.FEATURE_LORA_BIAS, C.PART_LORA_BIAS, w * t.scale),
+            (C.FEATURE_BIAS, C.PART_BIAS_DELTA, w),
+        ):
+            if feature in t.features:
+                x = t.part(part).to(torch.float64) * c
+                out[part] = out[part] + x if part in out else x
+    return {p: x.to(dtype) for p, x in out.items()}
+
+
+def _whole_targets(adapters: Sequence[Adapter], ws: Sequence[float]) -> dict[str, Target]:
+    """Whole tensors in the sum: a replacement (``full``, ``tokens``) from one input at weight
+    1 is carried; twice, or at another weight, it has no exact form and is refused. Bias deltas
+    (kind ``bias``) add: Σ w_i·δ_i."""
+    import torch
+
+    out: dict[str, Target] = {}
+    names = sorted({n for a in adapters for n, t in a.targets.items() if t.kind in _WHOLE})
+    for name in names:
+        parts = [
+            (w, a.targets[name]) for a, w in zip(adapters, ws, strict=True) if name in a.targets
+        ]
+        kinds_ = {t.kind for _, t in parts}
+        if len(kinds_) > 1 or any(t.kind not in _WHOLE for _, t in parts):
+            raise CompatibilityError(
+                f"target '{name}' is a whole tensor in one adapter and not in another",
+                code="target-mismatch",
+            )
+        first = parts[0][1]
+        if first.kind == C.KIND_BIAS:
+            total = sum(t.part(C.PART_BIAS_DELTA).to(torch.float64) * w for w, t in parts)
+            assert isinstance(total, torch.Tensor)
+            delta = total.to(first.part(C.PART_BIAS_DELTA).dtype)
+            out[name] = Target.whole(name, C.KIND_BIAS, {C.PART_BIAS_DELTA: delta})
+            continue
+        if len(parts) > 1:
+            raise UsageError(
+                f"target '{name}': two adapters replace the same {first.kind} tensor; a sum of "
+                "replacements has no exact form",
+                code="unsupported-feature",
+                hint="combine without one of them, or merge them one after the other",
+            )
+        if parts[0][0] != 1.0:
+            raise UsageError(
+                f"target '{name}': a {first.kind} replacement at weight {parts[0][0]:g} is "
+                "X + w·(V − X), which needs the base",
+                code="unsupported-feature",
+                hint="give that adapter weight 1, or merge it with --weight",
+            )
+        out[name] = first
+    return out
 
 
 def combine(
@@ -40,6 +124,8 @@ def combine(
     differs between inputs raises ``CompatibilityError``. The result binds to the inputs' common
     hub id (none, with a warning, when they differ); its provenance lists the inputs (file name,
     sha256, weight); the inputs' own provenance and unknown metadata are not carried over.
+    Spec 1.1 (§3.7): ``lora_bias`` and ``bias`` features sum with their weights, whole tensors
+    as ``_whole_targets`` says, and DoRA is refused (magnitudes do not add).
     """
     if not adapters:
         raise UsageError("combine needs at least one adapter", code="no-inputs")
@@ -54,12 +140,8 @@ def combine(
             hint="give --weight once per adapter, in the same order, or not at all (all 1)",
         )
     ws = [float(w) for w in weights]
-    for each in adapters:  # spec 1.1 parts: refused, never dropped (plain conv2d is exact)
-        plain_conv = (C.KIND_CONV2D,)
-        kinds.check_plain(
-            [t for t in each.targets.values() if t.kind not in plain_conv or t.features],
-            "combine",
-        )
+    for each in adapters:  # spec 1.1 parts with no exact sum: refused, never dropped
+        kinds.check_plain([t for t in each.targets.values() if not _summable(t)], "combine")
     if not all(math.isfinite(w) for w in ws):
         raise UsageError("weights must be finite numbers", code="weights")
 
@@ -67,7 +149,8 @@ def combine(
 
     from ..format import torch_dtype
 
-    names = sorted({name for a in adapters for name in a.targets})
+    whole = _whole_targets(adapters, ws)
+    names = sorted({name for a in adapters for name in a.targets} - set(whole))
     jobs: list[CoreJob] = []
     info: dict[str, tuple[Target, int, str, list[int]]] = {}  # first target, R, dtype, inputs
     for name in names:
@@ -118,6 +201,9 @@ def combine(
         new[job.name] = lora_like(
             first, A_out, B_out, alpha=float(k), scale_rule=C.SCALE_STANDARD, dtype=dt
         )
+        sums = _feature_sums([(ws[i], adapters[i].targets[job.name]) for i in inputs], dt)
+        if sums:  # the result's scale is 1: a lora_bias sums as Σ w·s·b, a bias delta as Σ w·δ
+            new[job.name] = new[job.name].replace(features=_features_of_parts(sums), tensors=sums)
         params_before = sum(adapters[i].targets[job.name].num_params for i in inputs)
         bytes_before = sum(
             adapters[i].targets[job.name].num_params
@@ -144,6 +230,12 @@ def combine(
                 f"target '{job.name}' sums to zero: kept at rank {k} with zero factors"
             )
 
+    new.update(whole)
+    if whole:
+        report.warnings.append(
+            f"{len(whole)} whole-tensor targets carried (a replacement at weight 1, bias deltas "
+            "summed with their weights)"
+        )
     hub_ids = {(a.base.hub_id, a.base.revision) for a in adapters if a.base and a.base.hub_id}
     hub_id, revision = (None, None)
     if len(hub_ids) == 1:
