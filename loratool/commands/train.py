@@ -52,7 +52,9 @@ def _warmup(value: str) -> float:
 )
 @click.option("--revision", help="Hub revision of --model (branch, tag or commit).")
 @click.option(
-    "--targets", help="Modules to adapt: comma-separated name suffixes, or all-linear [all-linear]."
+    "--targets",
+    help="Modules to adapt: comma-separated name suffixes, or all-linear [all-linear; "
+    "--task embedding: query,key,value,dense].",
 )
 @click.option("--rank", type=int, help="LoRA rank r [16].")
 @click.option("--alpha", type=float, help="LoRA alpha; scale = alpha/r [2 × rank].")
@@ -80,20 +82,34 @@ def _warmup(value: str) -> float:
     help="Token ids whose input-embedding rows train (PEFT trainable_token_indices), "
     "comma-separated; a tied output head follows.",
 )
-@click.option("--lr", type=float, help="Peak learning rate of AdamW [2e-4].")
+@click.option(
+    "--lr", type=float, help="Peak learning rate of AdamW [2e-4; --task embedding: 1e-3]."
+)
 @click.option("--weight-decay", type=float, help="AdamW weight decay [0].")
 @click.option("--max-grad-norm", type=float, help="Gradient clipping norm, 0 for none [1.0].")
 @click.option("--epochs", type=float, help="Passes over the data [1].")
 @click.option("--max-steps", type=int, help="Optimizer steps; overrides --epochs.")
-@click.option("--batch-size", type=int, help="Rows per micro-batch per process [4].")
+@click.option(
+    "--batch-size",
+    type=int,
+    help="Rows per micro-batch per process [4; --task embedding: 32 pairs].",
+)
 @click.option("--grad-accum", type=int, help="Micro-batches per optimizer step [1].")
-@click.option("--seq-len", type=int, help="Tokens per row; longer records are cut [1024].")
+@click.option(
+    "--seq-len",
+    type=int,
+    help="Tokens per row; longer records are cut [1024; --task embedding: 256].",
+)
 @click.option(
     "--packing/--no-packing",
     default=None,
     help="Pack documents into rows of --seq-len; each attends only to itself [packing].",
 )
-@click.option("--warmup", type=str, help="Warm-up: steps if ≥ 1, else a fraction of all steps [0].")
+@click.option(
+    "--warmup",
+    type=str,
+    help="Warm-up: steps if ≥ 1, else a fraction of all steps [0; --task embedding: 0.1].",
+)
 @click.option(
     "--schedule",
     type=click.Choice(["cosine", "linear", "constant"]),
