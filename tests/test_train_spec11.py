@@ -361,3 +361,19 @@ def test_combine_sums_biases_carries_replacements_refuses_the_rest(
         combine([saved, trained(5)], weights=[0.5, 1.0])
     with pytest.raises(UsageError, match="magnitudes do not add"):
         combine([trained(4, dora=True), a])
+
+
+def test_extract_names_changed_biases(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """extract makes plain LoRA: a fine-tune whose biases changed says so in its warnings."""
+    from loratool.lowrank import extract
+
+    torch.manual_seed(0)
+    model = _model(tiny_bert_dir)
+    lora.inject(model, targets="query", rank=2, bias="lora_only")
+    with torch.no_grad():
+        for p in lora.lora_parameters(model).values():
+            p.add_(torch.randn_like(p) * 0.1)
+    lora.remove(model, merge=True)
+    model.save_pretrained(tmp_path / "ft")
+    _, report = extract(tiny_bert_dir, tmp_path / "ft", rank=2, targets="query")
+    assert any("biases differ from the base" in w for w in report.warnings), report.warnings

@@ -83,8 +83,8 @@ def command(
     Both are HF checkpoint folders (single or sharded safetensors) or .safetensors files, matched
     by tensor name and read one tensor at a time. Unchanged modules are skipped. The adapter is
     bound to BASE and has scale 1 (alpha = rank). It is plain LoRA: no DoRA magnitude, bias
-    delta or whole tensor (spec 1.1) is extracted; changed biases and non-LoRA modules are
-    reported as skipped.
+    delta or whole tensor (spec 1.1) is extracted; biases that changed are named in the
+    report's warnings, not carried.
     """
     from .._io import check_output
     from ..lowrank import extract, make_rule, resolve_device

@@ -235,6 +235,12 @@ def extract(
             code="no-difference",
             hint="check that FINETUNED is the fine-tuned model and --targets names changed modules",
         )
+    changed = _changed_biases(bc, fc)
+    if changed:  # spec 1.1 §3.7: say what a plain LoRA does not carry, never drop it silently
+        report.warnings.append(
+            f"{len(changed)} biases differ from the base (e.g. '{changed[0]}'); extract makes "
+            "plain LoRA and does not carry them"
+        )
     if hub_id is None and revision is None:
         hub_id, revision = hub_of(bc)
     provenance = {
@@ -251,3 +257,14 @@ def extract(
     adapter = Adapter(targets=new, provenance=provenance)
     adapter.base = BaseBinding(bc.fingerprint_for(adapter), hub_id, revision)
     return adapter, report
+
+
+def _changed_biases(bc: Checkpoint, fc: Checkpoint) -> list[str]:
+    """Bias tensors present in both checkpoints whose values differ (small: read whole)."""
+    import torch
+
+    out = []
+    for key in sorted(k for k in bc.entries if k.endswith(".bias") and k in fc.entries):
+        if bc.shape(key) == fc.shape(key) and not torch.equal(bc.read(key), fc.read(key)):
+            out.append(key)
+    return out
