@@ -140,8 +140,18 @@ def test_loha_file_round_trips_and_merges(tmp_path: Path) -> None:
     for name, d in deltas(back).items():
         ref = src["lora_unet_" + name.replace(".", "_")]
         assert close(d.reshape(ref.shape), ref, 1e-7)
-    cli_ok("merge", str(image_models.unet_dir()), str(lt), "-o", str(tmp_path / "m"))
+    from loratool.checkpoint import Checkpoint
+
+    cli_ok(
+        "merge", str(image_models.unet_dir()), str(lt), "-o", str(tmp_path / "m"), "--reversible"
+    )
+    merged, base = Checkpoint(tmp_path / "m"), Checkpoint(image_models.unet_dir())
+    for name, t in adapter.targets.items():
+        got = merged.read(name + ".weight").double() - base.read(name + ".weight").double()
+        assert close(got, t.delta(torch.float64), 1e-5)
     cli_ok("unmerge", str(tmp_path / "m"), str(lt), "-o", str(tmp_path / "u"))
+    back = Checkpoint(tmp_path / "u")
+    assert all(base.read_bytes(k) == back.read_bytes(k) for k in base.entries)
 
 
 def test_extract_recovers_conv_and_linear_deltas(locon: dict[str, Path]) -> None:
