@@ -377,3 +377,23 @@ def test_extract_names_changed_biases(tiny_bert_dir: Path, tmp_path: Path) -> No
     model.save_pretrained(tmp_path / "ft")
     _, report = extract(tiny_bert_dir, tmp_path / "ft", rank=2, targets="query")
     assert any("biases differ from the base" in w for w in report.warnings), report.warnings
+
+
+def test_merge_refuses_a_replaced_embedding_tied_to_lm_head(
+    tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    """PEFT's modules_to_save on a tied embedding leaves lm_head as it was; a merged checkpoint
+    that keeps the tie cannot, so merge refuses (attach computes PEFT's outputs)."""
+    import loratool
+    from loratool.errors import CompatibilityError
+
+    model = _model(tiny_llama_dir)
+    lora.inject(model, targets="q_proj", rank=2, modules_to_save=["embed_tokens"])
+    with torch.no_grad():
+        for p in lora.lora_parameters(model).values():
+            p.add_(torch.randn_like(p) * 0.1)
+    lora.extract_adapter(model).save(tmp_path / "a.safetensors")
+    with pytest.raises(CompatibilityError) as e:
+        loratool.merge(tiny_llama_dir, [tmp_path / "a.safetensors"], tmp_path / "m")
+    assert e.value.code == "tied-replacement"
+    assert not (tmp_path / "m").exists()

@@ -69,6 +69,16 @@ def plan_features(
                     hint="merging a grown vocabulary is not supported yet: convert --to peft "
                     "and load it with resize_token_embeddings",
                 )
+            if t.kind == "full" and _tied_input(base, tname):
+                raise CompatibilityError(
+                    f"target '{tname}' of {inp.name} replaces the input embedding of a base "
+                    "that ties lm_head to it: the merged checkpoint would change lm_head too, "
+                    "where PEFT's modules_to_save keeps lm_head as it was",
+                    code="tied-replacement",
+                    where=str(base.path),
+                    hint="apply it unmerged (PEFT, or loratool's attach), or untie the base's "
+                    "lm_head first (save it with tie_word_embeddings false)",
+                )
             if kind.touches_bias(t):
                 bkey = base.resolve(tname, ".bias")
                 if bkey is None:
@@ -88,6 +98,26 @@ def plan_features(
                 code="nonlinear-stack",
                 hint="merge the DoRA or replacing adapter on its own, then the others",
             )
+
+
+EMBEDDING_LEAVES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "shared")
+
+
+def _tied_input(base: Checkpoint, module: str) -> bool:
+    """Whether ``module`` is an input embedding whose weight the base's output head shares:
+    config.json ties them and the checkpoint stores no separate ``lm_head.weight``."""
+    import json
+    from pathlib import Path
+
+    if module.rsplit(".", 1)[-1] not in EMBEDDING_LEAVES:
+        return False
+    folder = Path(base.path) if Path(base.path).is_dir() else Path(base.path).parent
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    tied = isinstance(config, dict) and config.get("tie_word_embeddings") is True
+    return tied and base.resolve("lm_head") is None
 
 
 def _feat(t: Any) -> str:
