@@ -30,6 +30,8 @@ CASES: dict[str, tuple[str, dict[str, Any]]] = {
     "bias-all": ("tiny_bert_dir", dict(targets="query,value", bias="all")),
     "dora-bias-all": ("tiny_bert_dir", dict(targets="query,value", bias="all", dora=True)),
     "dora-conv1d": ("tiny_gpt2_dir", dict(targets="c_attn", dora=True, bias="lora_only")),
+    "lora-bias": ("tiny_bert_dir", dict(targets="query,value", lora_bias=True)),
+    "lora-bias-conv1d": ("tiny_gpt2_dir", dict(targets="c_attn", lora_bias=True, bias="all")),
 }
 
 
@@ -217,7 +219,7 @@ def test_peft_trained_biases_convert_and_merge(
     assert float((_out(merged, inputs) - ref).abs().max()) <= 1e-5
 
 
-@pytest.mark.parametrize("case", ["dora", "tokens", "modules-to-save", "bias-all"])
+@pytest.mark.parametrize("case", ["dora", "tokens", "modules-to-save", "bias-all", "lora-bias"])
 def test_attach_applies_every_part_unmerged(
     case: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:

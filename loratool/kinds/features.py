@@ -88,7 +88,6 @@ FEATURE_REFUSALS: dict[str, dict[str, str]] = {
         "kohya": _NO_KOHYA.format(what="bias on lora_up"),
         "gguf": "llama.cpp LoRA adapters have no bias",
         "diffusers": "diffusers LoRA files have no lora_B bias; convert --to peft",
-        "attach": "the training and serving layers apply no LoRA bias yet",
         "serve": "the server applies no LoRA bias; merge the adapter into the base",
     },
     C.FEATURE_BIAS: {

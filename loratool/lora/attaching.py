@@ -2,7 +2,7 @@
 
 The inverse of ``extract_adapter``: LoRA targets become ``LoraLayer``s holding their factors (and
 DoRA's magnitude, a bias delta), the spec 1.1 kinds become ``inject``'s layers for them
-(``extras``). What no layer computes exactly (a ``lora_bias``, image kinds) is refused by the
+(``extras``). What no layer computes exactly (the image kinds) is refused by the
 kind's rule, never dropped.
 """
 
@@ -24,10 +24,10 @@ from .layer import LoraLayer, kind_of
 
 def attach(model: nn.Module, adapter: Adapter) -> InjectionReport:
     """Put a saved adapter on a model, unmerged: each LoRA target in a LoraLayer holding its
-    factors (its own rank, alpha, scale rule; DoRA's magnitude and a bias delta too), and the
+    factors (its own rank, alpha, scale rule; DoRA's magnitude, a LoRA bias, a bias delta), and the
     spec 1.1 kinds as ``inject`` makes them (a ``full`` module as a replaced copy, ``tokens`` as
-    new rows, a ``bias`` as a shifted bias). Anything the layers cannot compute exactly (a
-    ``lora_bias``) is refused by the kind's rule, never dropped. Tensors are copied in fp32 to
+    new rows, a ``bias`` as a shifted bias). Anything the layers cannot compute exactly (the
+    image kinds) is refused by the kind's rule, never dropped. Tensors are copied in fp32 to
     the device of the weight they adapt; the rest of the model is frozen as ``inject`` leaves it.
     """
     for t in adapter.targets.values():
@@ -61,13 +61,14 @@ def attach(model: nn.Module, adapter: Adapter) -> InjectionReport:
             rslora=t.scale_rule == C.SCALE_RSLORA,
             dora=C.FEATURE_DORA in t.features,
             train_bias=C.FEATURE_BIAS in t.features,
+            lora_bias=C.FEATURE_LORA_BIAS in t.features,
         )
         if C.FEATURE_BIAS in t.features and layer.bias_delta is None:
             raise UsageError(f"module '{name}' has no bias for the adapter's bias delta")
         with torch.no_grad():
             layer.lora_A.copy_(t.lora_A)
             layer.lora_B.copy_(t.lora_B)
-            for part in (C.PART_MAGNITUDE, C.PART_BIAS_DELTA):
+            for part in (C.PART_MAGNITUDE, C.PART_BIAS_DELTA, C.PART_LORA_BIAS):
                 param = getattr(layer, part)
                 if param is not None:
                     param.copy_(t.part(part))
@@ -84,8 +85,6 @@ def _attach_refusal(t: object) -> str | None:
     from ..adapter import Target
 
     assert isinstance(t, Target)
-    if C.FEATURE_LORA_BIAS in t.features:
-        return "lora_bias: the LoRA layer has no bias on B; merge the adapter"
     if t.lowrank and t.kind in C.KINDS_10:
         return None
     if t.kind in (C.KIND_FULL, C.KIND_TOKENS, C.KIND_BIAS):

@@ -76,7 +76,7 @@ def extract_targets(model: nn.Module, dtype: torch.dtype = torch.float32) -> lis
         if isinstance(m, LoraLayer):
             parts = {
                 part: _cpu(p, dtype)
-                for part in (C.PART_MAGNITUDE, C.PART_BIAS_DELTA)
+                for part in (C.PART_MAGNITUDE, C.PART_BIAS_DELTA, C.PART_LORA_BIAS)
                 if (p := getattr(m, part)) is not None
             }
             out.append(
@@ -143,6 +143,15 @@ def remove(model: nn.Module, *, merge: bool = False) -> int:
                 w = m.weight
                 w.copy_(m.merged_weight().to(w.device, w.dtype))
             delta = getattr(m, C.PART_BIAS_DELTA, None)
+            lb = getattr(m, C.PART_LORA_BIAS, None)
+            if merge and isinstance(lb, torch.Tensor):
+                if not isinstance(base.bias, torch.Tensor):
+                    raise UsageError(
+                        f"'{name}' has a LoRA bias but no bias to merge it into (as PEFT)",
+                        code="no-bias",
+                    )
+                lb = lb.detach().float() * m.scale
+                delta = lb if not isinstance(delta, torch.Tensor) else delta.detach().float() + lb
             if merge and isinstance(delta, torch.Tensor):
                 b = base.bias
                 assert isinstance(b, torch.Tensor)

@@ -118,6 +118,7 @@ def inject(
     dropout: float = 0.0,
     rslora: bool = False,
     dora: bool = False,
+    lora_bias: bool = False,
     bias: str = "none",
     modules_to_save: str | Iterable[str] = (),
     trainable_tokens: Iterable[int] | Mapping[str, Iterable[int]] | None = None,
@@ -127,7 +128,7 @@ def inject(
     ``alpha`` defaults to ``rank`` (scale 1). Afterwards only the LoRA factors have
     ``requires_grad``; the factors are fp32 on the device of the weight they adapt. The spec 1.1
     options take PEFT's names and compute what PEFT's layers compute (``extras``): ``dora``
-    (a magnitude per output row, ``use_dora``), ``bias`` (``"lora_only"``: the LoRA modules'
+    (a magnitude per output row, ``use_dora``), ``lora_bias`` (a bias on B), ``bias`` (``"lora_only"``: the LoRA modules'
     biases train too; ``"all"``: every bias), ``modules_to_save`` (trained copies of whole
     modules, PEFT's suffix rule) and ``trainable_tokens`` (ids of rows of the input embedding
     that train, or ``{module: ids}``; a tied output head follows).
@@ -136,6 +137,10 @@ def inject(
         raise UsageError(f"rank must be at least 1, got {rank}", code="bad-rank")
     if not 0.0 <= dropout < 1.0:
         raise UsageError(f"dropout must be in [0, 1), got {dropout}", code="bad-dropout")
+    if dora and lora_bias:
+        raise UsageError(
+            "DoRA and lora_bias exclude each other (PEFT refuses the pair)", code="bad-feature"
+        )
     if bias not in BIAS_MODES:
         raise UsageError(
             f"bias must be one of {', '.join(BIAS_MODES)}, got {bias!r}", code="bad-bias"
@@ -170,6 +175,7 @@ def inject(
             rslora=rslora,
             dora=dora,
             train_bias=bias != "none",
+            lora_bias=lora_bias,
         )
         kinds[layer.kind] = kinds.get(layer.kind, 0) + 1
         set_module(model, name, layer)
@@ -305,7 +311,7 @@ def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
         if isinstance(m, LoraLayer):
             out[name + C.LORA_A_SUFFIX] = m.lora_A
             out[name + C.LORA_B_SUFFIX] = m.lora_B
-            for part in (C.PART_MAGNITUDE, C.PART_BIAS_DELTA):
+            for part in (C.PART_MAGNITUDE, C.PART_BIAS_DELTA, C.PART_LORA_BIAS):
                 p = getattr(m, part)
                 if p is not None:
                     out[f"{name}.{part}"] = p

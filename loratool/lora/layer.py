@@ -46,6 +46,7 @@ class LoraLayer(nn.Module):
         rslora: bool = False,
         dora: bool = False,
         train_bias: bool = False,
+        lora_bias: bool = False,
     ) -> None:
         super().__init__()
         kind = kinds.of_module(base)
@@ -53,6 +54,8 @@ class LoraLayer(nn.Module):
             raise TypeError(f"cannot wrap {type(base).__name__}")
         if dora and C.FEATURE_DORA not in kind.accepts:
             raise TypeError(f"DoRA is defined for Linear and Conv1D, not {kind.label}")
+        if dora and lora_bias:
+            raise TypeError("DoRA and a LoRA bias exclude each other (spec §3.5, as PEFT)")
         w = base.weight
         assert isinstance(w, torch.Tensor)
         self.base = base
@@ -77,6 +80,10 @@ class LoraLayer(nn.Module):
             if train_bias and has_bias
             else None
         )
+        # PEFT's lora_bias: a bias on B, inside the scaled branch (y += s·(B A x + b_B)).
+        self.lora_bias = (
+            nn.Parameter(torch.zeros(self.out_features, device=dev)) if lora_bias else None
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -84,9 +91,10 @@ class LoraLayer(nn.Module):
         if self.magnitude is not None:  # PEFT's dora_init: ‖W + s·B·A‖ per output row
             with torch.no_grad():
                 self.magnitude.copy_(self.weight_norm())
-        if self.bias_delta is not None:
-            with torch.no_grad():
-                self.bias_delta.zero_()
+        for extra in (self.bias_delta, self.lora_bias):
+            if extra is not None:
+                with torch.no_grad():
+                    extra.zero_()
 
     def weight_norm(self) -> torch.Tensor:
         """‖W + s·B·A‖ of each output row (over the input dimension), fp32, outside autograd."""
@@ -104,6 +112,8 @@ class LoraLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._dora(x) if self.magnitude is not None else self._lora(x)
+        if self.lora_bias is not None:
+            y = y + (self.lora_bias * self.scale).to(y.dtype)
         return y if self.bias_delta is None else y + self.bias_delta.to(y.dtype)
 
     def _dora(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,6 +183,7 @@ class LoraLayer(nn.Module):
     def extra_repr(self) -> str:
         extra = ", dora" if self.magnitude is not None else ""
         extra += ", bias" if self.bias_delta is not None else ""
+        extra += ", lora_bias" if self.lora_bias is not None else ""
         return f"kind={self.kind}, rank={self.rank}, alpha={self.alpha:g}, scale={self.scale:.4g}{extra}"
 
 
