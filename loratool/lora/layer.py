@@ -7,6 +7,11 @@
 factors start and how ``A`` meets the input (a matmul, or a lookup of ``Aᵀ`` rows for embeddings).
 The factors stay fp32 whatever the base dtype: under bf16 autocast the matmuls run in bf16 while
 the weights, their gradients and the optimizer state keep fp32 precision.
+
+Spec 1.1 (§3.5), each as PEFT computes it: ``dora`` adds a magnitude ``m`` (``y = (m/‖V‖) ⊙
+(W + s·B·A)·x + b``, ‖V‖ held constant in backward, DoRA §4.3; the plain autograd path),
+``lora_bias`` a bias on B (``+ s·b_B``), ``train_bias`` a trained difference ``δ`` on the frozen
+base bias (``+ δ``, PEFT ``bias="lora_only"``).
 """
 
 from __future__ import annotations
