@@ -5,7 +5,7 @@ The configuration of issue 17: SmolLM2-135M, LoRA r=16 α=32 on q/k/v/o_proj, dr
 Each side runs as its own process; sides alternate in rounds, because the machine is shared.
 
     python benchmarks/train.py [--rounds 2] [--sides loratool,peft-f32,peft-bf16,trl]
-    python benchmarks/train.py --memory [--tokens 2048,4096,8192]   # peak RSS vs tokens/step
+    python benchmarks/train.py --memory [--shape short|long] [--tokens 2048,4096,8192]
 
 Sides and their precision:
 - ``loratool``: bf16 frozen weights, bf16 autocast, fp32 LoRA + AdamW (``--dtype auto``); 8 packed
@@ -77,7 +77,7 @@ MODULES = [
 ]
 
 
-def build_data(folder: Path, n_train: int = N_TRAIN) -> tuple[Path, Path]:
+def build_data(folder: Path, n_train: int = N_TRAIN, n_eval: int = N_EVAL) -> tuple[Path, Path]:
     """train.jsonl and eval.jsonl: {"text": "module.name\\n\\ndocstring"}, ≤900 characters each."""
     records = []
     for m in MODULES:
@@ -89,7 +89,7 @@ def build_data(folder: Path, n_train: int = N_TRAIN) -> tuple[Path, Path]:
             if doc and len(doc) >= 200:
                 records.append({"text": f"{m}.{name}\n\n{doc[:900]}"})
     random.Random(SEED).shuffle(records)
-    evals, train = records[:N_EVAL], records[N_EVAL:]
+    evals, train = records[:n_eval], records[N_EVAL:]
     train = (train * (1 + n_train // len(train)))[:n_train]
     for name, rows in (("train.jsonl", train), ("eval.jsonl", evals)):
         with open(folder / name, "w") as f:
@@ -414,7 +414,7 @@ def compare(args: argparse.Namespace) -> None:
     peak0 = matmul_peak()
     with tempfile.TemporaryDirectory(prefix="loratool-bench-") as tmp:
         work = Path(tmp)
-        data, eval_path = build_data(work)
+        data, eval_path = build_data(work, n_train=args.docs, n_eval=args.eval_docs)
         docs = _docs(model_dir, str(data))
         flops, n_tokens = useful_flops(model_dir, docs)
         results: dict[str, list[dict[str, Any]]] = {s: [] for s in sides}
@@ -442,7 +442,7 @@ def compare(args: argparse.Namespace) -> None:
     print(f"load average after: {load()}")
     print()
     print(
-        f"SmolLM2-135M, r={RANK} α={ALPHA} {'/'.join(TARGETS)}, dropout {DROPOUT}, {N_TRAIN} "
+        f"SmolLM2-135M, r={RANK} α={ALPHA} {'/'.join(TARGETS)}, dropout {DROPOUT}, {args.docs} "
         f"documents ({n_tokens} tokens, ≤{SEQ_LEN} each), batch {BATCH}, 1 epoch; "
         f"best of {args.rounds} rounds (tok/s: max, RSS: min)"
     )
@@ -479,28 +479,67 @@ def compare(args: argparse.Namespace) -> None:
             )
 
 
+def long_text(tokens: int) -> str:
+    """One document of about ``tokens`` tokens: standard-library docstrings, one after another."""
+    parts, chars = [], 0
+    for m in MODULES:
+        for name, obj in sorted(vars(importlib.import_module(m)).items()):
+            doc = inspect.getdoc(obj) if inspect.isfunction(obj) or inspect.isclass(obj) else None
+            if doc and not name.startswith("_"):
+                parts.append(f"{m}.{name}: {doc}")
+                chars += len(parts[-1])
+                if chars > 5 * tokens:  # ~3.5 characters per token here: enough to be cut
+                    return "\n\n".join(parts)
+    return "\n\n".join(parts) * (1 + 5 * tokens // max(chars, 1))
+
+
 def memory(args: argparse.Namespace) -> None:
-    """Peak RSS of loratool train against tokens per step (packed rows of short documents)."""
+    """Peak RSS of loratool train against tokens per step, and the 8 GB sequence by a linear fit.
+
+    ``short``: rows of 256 tokens packed with the benchmark's documents, tokens/256 rows a step.
+    ``long``: one document of that many tokens a step (--seq-len = tokens, batch 1), which is
+    what "the longest sequence that trains in 8 GB" asks; attention on a CPU runs SDPA's flash
+    kernel there (linear memory in the length), so peak RSS is linear in tokens and the fit
+    extrapolates.
+    """
     import models
 
     model_dir = str(models.smollm2())
     print(f"load average before: {load()}", flush=True)
+    points: list[tuple[int, int]] = []
     with tempfile.TemporaryDirectory(prefix="loratool-mem-") as tmp:
         work = Path(tmp)
         for tokens in (int(x) for x in args.tokens.split(",")):
-            rows = tokens // SEQ_LEN
-            data, _ = build_data(work, n_train=max(N_TRAIN, 2 * rows))
+            if args.shape == "short":
+                rows, seq = tokens // SEQ_LEN, SEQ_LEN
+                data, _ = build_data(work, n_train=max(N_TRAIN, 2 * rows))
+            else:
+                rows, seq = 1, tokens
+                data = work / "long.jsonl"
+                data.write_text(json.dumps({"text": long_text(tokens)}) + "\n")
             report = str(work / "m.jsonl")
             cmd = loratool_cmd(model_dir, str(data), str(work / "m.safetensors"), report, [])
-            at = cmd.index("--batch-size") + 1
-            cmd[at] = str(rows)
+            cmd[cmd.index("--batch-size") + 1] = str(rows)
+            cmd[cmd.index("--seq-len") + 1] = str(seq)
             cmd += ["--max-steps", "2"]
             wall, peak = _spawn(cmd)
+            step_tokens = json.loads(Path(report).read_text().splitlines()[0])
+            points.append((int(step_tokens["tokens"]), peak))
             print(
-                f"{tokens:>6} tokens/step ({rows} rows of {SEQ_LEN}): peak RSS {peak / 1e9:.2f} GB"
-                f"  wall {wall:.0f} s",
+                f"{points[-1][0]:>6} tokens/step ({rows} × {seq}): peak RSS {peak / 1e9:.2f} GB"
+                f"  wall {wall:.0f} s  load {load()}",
                 flush=True,
             )
+    if len(points) >= 2:
+        n = len(points)
+        mx = sum(x for x, _ in points) / n
+        my = sum(y for _, y in points) / n
+        slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+        base = my - slope * mx
+        print(
+            f"fit: peak RSS ≈ {base / 1e9:.2f} GB + {slope / 1e3:.0f} KB × tokens/step; "
+            f"8 GB at ≈ {(8e9 - base) / slope:,.0f} tokens/step ({args.shape})"
+        )
     print(f"load average after: {load()}")
 
 
@@ -512,8 +551,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--sides", default="loratool,peft-f32,peft-bf16,trl")
     parser.add_argument("--no-eval", action="store_true", help="skip the common evaluation")
+    parser.add_argument("--docs", type=int, default=N_TRAIN, help="training documents [64]")
+    parser.add_argument("--eval-docs", type=int, default=N_EVAL, help="held-out documents [32]")
     parser.add_argument("--memory", action="store_true", help="peak RSS against tokens per step")
     parser.add_argument("--tokens", default="2048,4096,8192")
+    parser.add_argument("--shape", choices=("short", "long"), default="short")
     args = parser.parse_args()
     memory(args) if args.memory else compare(args)
 
