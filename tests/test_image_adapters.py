@@ -253,6 +253,11 @@ def test_diffusers_fuse_lora_equals_loratool_merge(tmp_path: Path) -> None:
     run_cli("merge", str(sharded), a, "-o", str(tmp_path / "ms"), "--reversible")
     merged = Checkpoint(tmp_path / "ms")
     assert max(float((merged.read(k) - ref[k]).abs().max()) for k in ref) <= 1e-5
+    # the output is a diffusers folder diffusers loads (its own index name, shards, config)
+    from diffusers import UNet2DConditionModel
+
+    loaded = UNet2DConditionModel.from_pretrained(tmp_path / "ms", local_files_only=True)
+    assert all(torch.equal(v, merged.read(k)) for k, v in loaded.state_dict().items())
     run_cli("unmerge", str(tmp_path / "ms"), a, "-o", str(tmp_path / "back"))
     orig, back = Checkpoint(sharded), Checkpoint(tmp_path / "back")
     assert all(orig.read_bytes(k) == back.read_bytes(k) for k in orig.entries)
