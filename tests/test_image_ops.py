@@ -344,3 +344,33 @@ def test_kohya_files_merge_without_converting_first(locon: dict[str, Path]) -> N
     cli_ok("merge", str(image_models.unet_dir()), str(locon["loratool"]), "-o", str(d / "ml"))
     a, b = Checkpoint(d / "mk"), Checkpoint(d / "ml")
     assert all(a.read_bytes(k) == b.read_bytes(k) for k in a.entries)
+
+
+def test_hostile_lycoris_part_mixes_fail_cleanly(tmp_path: Path) -> None:
+    """Random mixes of LoCon/LoHa/LoKr/DoRA parts with random shapes: a typed error or a
+    target whose ΔW computes — never a crash."""
+    import random
+
+    from safetensors.torch import save_file
+
+    from loratool.errors import LoratoolError
+
+    parts = [
+        *("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+        *("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+        *("lora_down.weight", "lora_up.weight", "lora_mid.weight", "dora_scale", "alpha"),
+    ]
+    rng = random.Random(0)
+    for i in range(150):
+        sd: dict[str, Any] = {}
+        for part in rng.sample(parts, rng.randint(1, 5)):
+            shape = [rng.choice([0, 1, 2, 3, 4, 6]) for _ in range(rng.randint(0, 4))]
+            value = rng.choice([0.0, 2.0, float("nan")])
+            sd[f"lora_unet_x.{part}"] = torch.randn(*shape) if shape else torch.tensor(value)
+        path = tmp_path / f"{i}.safetensors"
+        save_file(sd, str(path))
+        try:
+            for t in open_adapter(str(path)).adapter.targets.values():
+                t.delta()
+        except LoratoolError:
+            pass

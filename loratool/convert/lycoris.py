@@ -261,6 +261,9 @@ def _finish(
     where: str,
 ) -> Target:
     """Check every stored shape against what the kind says, then attach the loader."""
+    dims = (t.rank, t.in_features, t.out_features)
+    if not 1 <= t.rank <= C.MAX_RANK or not all(1 <= d <= C.MAX_DIM for d in dims[1:]):
+        raise _fail(module, f"rank {t.rank}, in {t.in_features}, out {t.out_features}", where)
     want = t.parts()
     if set(want) != set(shapes):
         raise FormatError(
