@@ -54,7 +54,8 @@ def describe(path: str | os.PathLike[str], *, stats: bool = False) -> dict[str, 
                 row["indices"] = list(t.fields["indices"])
             if t.fields.get("base_rows") is not None:
                 row["base_rows"] = t.fields["base_rows"]
-        if stats and t.lowrank and t.kind in C.KINDS_10:  # ‖ΔW‖ of the low-rank part
+        # ‖ΔW‖ of the low-rank part; conv2d via its flattened factors, LoHa/LoKr their dense ΔW
+        if stats and (t.kind in C.KINDS_10 or t.kind in C.KINDS_IMAGE):
             from .lowrank import spectrum
 
             sp = spectrum(t)

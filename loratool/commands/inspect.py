@@ -129,7 +129,8 @@ def _render(doc: dict[str, Any], stats: bool, *, show_all: bool = False) -> None
     shown = rows_all if show_all or len(rows_all) <= TABLE_ROWS else rows_all[:TABLE_ROWS]
     for t in shown:
         scale = f"{t['scale']:.4g}" + (" (rs)" if t["scale_rule"] == "rslora" else "")
-        lowrank = "parts" not in t or "lora_A" in t["parts"]
+        # image kinds (LoHa, LoKr) have a rank and an alpha without lora_A (spec §3.8)
+        lowrank = "parts" not in t or "lora_A" in t["parts"] or t["kind"] in ("loha", "lokr")
         cells = [
             t["name"],
             t["kind"],
