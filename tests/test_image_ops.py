@@ -374,3 +374,24 @@ def test_hostile_lycoris_part_mixes_fail_cleanly(tmp_path: Path) -> None:
                 t.delta()
         except LoratoolError:
             pass
+
+
+def test_dora_targets_round_trip_through_kohya_dora_scale(tmp_path: Path) -> None:
+    """Linear and conv2d DoRA targets write LyCORIS' dora_scale and read back the same."""
+    import loratool
+
+    src = Path(__file__).resolve().parents[1] / "fixtures" / "valid" / "image.safetensors"
+    adapter = loratool.load(src)
+    keep = {n: t for n, t in adapter.targets.items() if t.kind == "conv2d"}
+    from loratool.adapter import Adapter
+
+    part = tmp_path / "conv.safetensors"
+    Adapter.from_targets(keep.values()).save(part)
+    out = tmp_path / "k.safetensors"
+    cli_ok("convert", str(part), "-o", str(out), "--to", "kohya")
+    back = open_adapter(str(out)).adapter.targets
+    for name, t in keep.items():
+        assert back[name].features == t.features
+        assert torch.equal(back[name].delta(), t.delta())
+        if t.features:
+            assert torch.equal(back[name].part("magnitude"), t.part("magnitude"))
