@@ -16,9 +16,15 @@
    a per-row gather of the stacked factors), and the bare base for reference.
 
 The machine is shared: the sides alternate within each repeat; compare the ratios, not seconds.
+On an oversubscribed CPU run it with OMP_NUM_THREADS=1 (every side then gets one thread; ours
+merged always uses one on the CPU, serving/inplace.py says why): with 2 OpenMP threads at load
+10 on 2 cores each parallel region waits on a descheduled thread, and every side is several
+times slower (measured: one SmolLM2 merged switch 20 s instead of 1 s, the throughput part
+25 minutes instead of 2).
 
     python benchmarks/serve.py                          # both parts, smollm2 and 0.85b
     python benchmarks/serve.py --models smollm2 --repeats 5 --device cuda
+    python benchmarks/serve.py --models "" --throughput-model 0.85b --new-tokens 12  # batches only
 """
 
 from __future__ import annotations
@@ -240,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="loratool-bench-serve-"))
     work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"device": args.device, "switch": []}
-    for name in args.models.split(","):
+    for name in filter(None, args.models.split(",")):  # --models "": throughput only
         r = switch_times(name, args, work)
         results["switch"].append(r)
         s = r["seconds"]
