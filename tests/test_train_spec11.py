@@ -151,6 +151,8 @@ def test_train_cli_dora_bias_tokens_loads_in_peft(tiny_llama_dir: Path, tmp_path
     args = ["train", "--model", str(tiny_llama_dir), "--data", str(data), "-o", str(out)]
     args += ["--targets", "q_proj,v_proj", "--rank", "4", "--max-steps", "2", "--seq-len", "32"]
     args += ["--dora", "--modules-to-save", "norm", "--trainable-tokens", "5,7", "--lr", "1e-2"]
+    both = CliRunner().invoke(cli, [*args, "--lora-bias", "-q"])
+    assert both.exit_code == 2 and "exclude each other" in both.output
     res = CliRunner().invoke(cli, [*args, "-q"])
     assert res.exit_code == 0, res.output
     adapter = load(out)

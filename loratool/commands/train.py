@@ -67,6 +67,12 @@ def _warmup(value: str) -> float:
     help="DoRA: train a magnitude per output row too (PEFT use_dora; Linear/Conv1D targets).",
 )
 @click.option(
+    "--lora-bias",
+    is_flag=True,
+    default=None,
+    help="A trained bias on each LoRA B (PEFT lora_bias; not with --dora).",
+)
+@click.option(
     "--bias",
     type=click.Choice(["none", "lora_only", "all"]),
     help="Biases that train too (PEFT bias): the adapted modules' (lora_only), or every "

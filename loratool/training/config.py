@@ -38,6 +38,7 @@ class TrainConfig:
     rslora: bool = False  # scale α/√r instead of α/r
     # spec 1.1, PEFT's names: DoRA's magnitude, biases that train, whole modules, token rows
     dora: bool = False  # PEFT use_dora (Liu et al. 2024), the norm held constant (their §4.3)
+    lora_bias: bool = False  # PEFT lora_bias: a trained bias on B (not with dora)
     bias: str = "none"  # none | lora_only | all (PEFT bias, loralib mark_only_lora_as_trainable)
     modules_to_save: str | None = None  # comma-separated name suffixes, trained whole
     trainable_tokens: str | None = None  # comma-separated ids of input-embedding rows that train
@@ -113,6 +114,10 @@ class TrainConfig:
             raise UsageError("--dropout must be in [0, 1)", code="bad-value")
         if self.alpha is not None and not self.alpha > 0:
             raise UsageError("--alpha must be positive", code="bad-value")
+        if self.dora and self.lora_bias:
+            raise UsageError(
+                "--dora and --lora-bias exclude each other (as PEFT)", code="bad-value"
+            )
         if self.bias not in BIAS_MODES:
             raise UsageError(f"--bias must be one of {', '.join(BIAS_MODES)}", code="bad-value")
         self.token_ids()
@@ -146,6 +151,7 @@ class TrainConfig:
         """The spec 1.1 keywords of ``lora.inject`` (PEFT's vocabulary)."""
         return {
             "dora": self.dora,
+            "lora_bias": self.lora_bias,
             "bias": self.bias,
             "modules_to_save": [n for n in (self.modules_to_save or "").split(",") if n.strip()],
             "trainable_tokens": self.token_ids(),
@@ -177,7 +183,7 @@ class TrainConfig:
         out["alpha"] = self.lora_alpha
         if self.quantize:  # only when set: the adapters of unquantised runs keep their keys
             out["quantize"] = self.quantize
-        for key in ("dora", "modules_to_save", "trainable_tokens"):  # likewise
+        for key in ("dora", "lora_bias", "modules_to_save", "trainable_tokens"):  # likewise
             if getattr(self, key):
                 out[key] = getattr(self, key)
         if self.bias != "none":

@@ -193,7 +193,7 @@ def find_resume(resume: str | None, root: Path) -> Saved | None:
 # dora .. trainable_tokens: the spec 1.1 parts the adapter holds (older checkpoints: None).
 FIXED = (
     *("targets", "rank", "alpha", "rslora", "seed", "seq_len", "packing"),
-    *("dora", "bias", "modules_to_save", "trainable_tokens"),
+    *("dora", "lora_bias", "bias", "modules_to_save", "trainable_tokens"),
 )
 
 
