@@ -157,3 +157,60 @@ def test_llama_cpp_converter_output_imports_with_peft_delta(
     _assert_same_delta(
         loratool.load(tmp_path / "want.safetensors"), loratool.load(tmp_path / "got.safetensors")
     )
+
+
+def _raw(
+    version: int = 3, kv: bytes = b"", n_kv: int = 0, tensors: bytes = b"", n_t: int = 0
+) -> bytes:
+    import struct
+
+    return b"GGUF" + struct.pack("<IQQ", version, n_t, n_kv) + kv + tensors
+
+
+def _s(text: bytes) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(text)) + text
+
+
+def _kv_adapter() -> tuple[bytes, int]:
+    import struct
+
+    kv = _s(b"general.type") + struct.pack("<I", 8) + _s(b"adapter")
+    kv += _s(b"adapter.type") + struct.pack("<I", 8) + _s(b"lora")
+    kv += _s(b"general.architecture") + struct.pack("<I", 8) + _s(b"llama")
+    return kv, 3
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["version", "string-length", "value-type", "dims", "ggml-type", "outside", "alignment"],
+)
+def test_crafted_gguf_headers_fail_cleanly(tmp_path: Path, case: str) -> None:
+    """Each bound of the header parser, on a struct-packed file: a FormatError, never a crash."""
+    import struct
+
+    kv, n_kv = _kv_adapter()
+    info = _s(b"blk.0.attn_v.weight.lora_a") + struct.pack("<I", 2) + struct.pack("<QQ", 8, 2)
+    info += struct.pack("<IQ", 0, 0)
+    data = _raw(kv=kv, n_kv=n_kv, tensors=info, n_t=1)  # claims 64 bytes of data it lacks
+    if case == "version":
+        data = _raw(version=7)
+    elif case == "string-length":
+        data = _raw(kv=struct.pack("<Q", 2**40) + b"x", n_kv=1)
+    elif case == "value-type":
+        data = _raw(kv=_s(b"k") + struct.pack("<I", 99), n_kv=1)
+    elif case == "dims":
+        bad = _s(b"t") + struct.pack("<I", 9) + struct.pack("<Q", 1) * 9 + struct.pack("<IQ", 0, 0)
+        data = _raw(kv=kv, n_kv=n_kv, tensors=bad, n_t=1)
+    elif case == "ggml-type":
+        bad = _s(b"t") + struct.pack("<I", 1) + struct.pack("<Q", 8) + struct.pack("<IQ", 2, 0)
+        data = _raw(kv=kv, n_kv=n_kv, tensors=bad, n_t=1)
+    elif case == "alignment":
+        kv2 = kv + _s(b"general.alignment") + struct.pack("<I", 4) + struct.pack("<I", 3)
+        data = _raw(kv=kv2, n_kv=n_kv + 1, tensors=info, n_t=1)
+    path = tmp_path / "x.gguf"
+    path.write_bytes(data)
+    with pytest.raises(LoratoolError) as e:
+        open_adapter(path)
+    assert e.value.code == "bad-gguf", e.value
