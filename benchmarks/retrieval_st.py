@@ -6,7 +6,8 @@ What a retrieval user runs today: `SentenceTransformer(model)`, `model.add_adapt
 rate, warm-up, cosine schedule, gradient clipping and precision as the loratool side. Then
 `model.encode` embeds the test split, scored by loratool's own ranking code (the metric is not
 what is being compared). Prints one JSON line on stdout: the metrics, the training tokens
-(non-padding, counted in the trainer's collator), the seconds inside `trainer.train()`.
+(non-padding, counted in the trainer's collator), the wall and CPU seconds inside
+`trainer.train()`.
 
 Needs `datasets` importable (the trainer takes a `datasets.Dataset`); run by retrieval.py, or
 alone:
@@ -127,9 +128,9 @@ def main() -> None:
         )
         counter = _Counting(trainer.data_collator)
         trainer.data_collator = counter
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = trainer.train()
-        train_s = time.perf_counter() - t0
+        train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
 
     model.eval()
     test = R.read_pairs(args.test)
@@ -143,6 +144,7 @@ def main() -> None:
         "metrics": metrics.to_json(),
         "tokens": counter.tokens,
         "train_s": train_s,
+        "train_cpu_s": train_cpu_s,
         "steps": int(out.global_step),
         "final_loss": float(out.training_loss),
     }
