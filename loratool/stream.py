@@ -19,7 +19,6 @@ import contextlib
 import errno
 import json
 import os
-import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -391,18 +390,11 @@ def write_index(
     metadata: Mapping[str, Any] | None = None,
     name: str | None = None,
 ) -> Path:
-    """Write ``<prefix>.safetensors.index.json``: ``metadata`` with ``total_size``, the weight map.
-
-    The prefix is the shards' own (``model-0000k-of-0000n`` → ``model.safetensors.index.json``,
-    diffusers' ``diffusion_pytorch_model-…`` → ``diffusion_pytorch_model.safetensors.index.json``,
-    the name diffusers looks for), unless ``name`` is given.
-    """
-    meta = dict(metadata or {})
-    meta["total_size"] = int(total_size)
+    """Write ``<shard prefix>.safetensors.index.json`` (or ``name``): the weight map, total_size."""
+    meta = {**(metadata or {}), "total_size": int(total_size)}
     doc = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
-    if name is None:
-        prefixes = {re.sub(r"(-\d+-of-\d+)?\.safetensors$", "", f) for f in weight_map.values()}
-        name = f"{prefixes.pop()}.safetensors.index.json" if len(prefixes) == 1 else INDEX_NAME
+    heads = {f.split("-00")[0].removesuffix(".safetensors") for f in weight_map.values()}
+    name = name or (f"{heads.pop()}.safetensors.index.json" if len(heads) == 1 else INDEX_NAME)
     path = Path(directory) / name
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
