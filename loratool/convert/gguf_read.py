@@ -292,7 +292,9 @@ def read_gguf(path: str | os.PathLike[str]) -> Adapter:
         emb = gname == "token_embd.weight"
         if emb:
             a = a.T.contiguous()  # stored [vocab, r]: llama.cpp gathers rows by token id
-        if a.shape[0] != b.shape[1] or a.dtype != b.dtype:
+        if a.dtype != b.dtype:  # Q8_0 quantises only rows of 32: lora_b often stays F16/F32
+            a, b = a.float(), b.float()  # every F16/BF16/Q8_0 value is exact in F32
+        if a.shape[0] != b.shape[1]:
             raise FormatError(
                 f"'{gname}': lora_a {list(a.shape)} and lora_b {list(b.shape)} do not pair",
                 code="rank-mismatch",
