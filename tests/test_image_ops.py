@@ -395,3 +395,19 @@ def test_dora_targets_round_trip_through_kohya_dora_scale(tmp_path: Path) -> Non
         assert torch.equal(back[name].delta(), t.delta())
         if t.features:
             assert torch.equal(back[name].part("magnitude"), t.part("magnitude"))
+
+
+def test_lycoris_bare_model_names_map_to_module_paths(tmp_path: Path) -> None:
+    """create_lycoris on a bare UNet names modules "lycoris_<path>": --base maps them too."""
+    from safetensors.torch import load_file, save_file
+
+    write_locon(tmp_path / "locon.safetensors")
+    sd = {
+        k.replace("lora_unet_", "lycoris_"): v
+        for k, v in load_file(str(tmp_path / "locon.safetensors")).items()
+    }
+    save_file(sd, str(tmp_path / "lyco.safetensors"))
+    out = tmp_path / "a.safetensors"
+    base = str(image_models.unet_dir())
+    cli_ok("convert", str(tmp_path / "lyco.safetensors"), "-o", str(out), "--base", base)
+    assert sorted(open_adapter(str(out)).adapter.targets) == sorted(SD_MODULES)

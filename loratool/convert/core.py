@@ -58,7 +58,8 @@ def base_identity(base: str | os.PathLike[str]) -> tuple[str | None, str | None]
 
 
 def _map_kohya_names(adapter: Adapter, ckpt: Checkpoint, notes: list[str]) -> Adapter:
-    kohya = [n for n in adapter.targets if naming.is_kohya_name(n)]
+    # kohya names, and LyCORIS' on a bare model (create_lycoris: "lycoris_<path>")
+    kohya = [n for n in adapter.targets if naming.is_kohya_name(n) or n.startswith("lycoris_")]
     if not kohya:
         return adapter
     resolve = kohya_resolver(ckpt)

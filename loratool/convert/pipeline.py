@@ -91,10 +91,15 @@ def image_base(ckpt: Checkpoint) -> bool:
 
 def kohya_resolver(ckpt: Checkpoint) -> Callable[[str], str]:
     """kohya name → module path: per component for image bases (sd_names), else naming's."""
-
     if not image_base(ckpt):
         index = naming.kohya_index(base_modules(ckpt))
-        return lambda name: naming.resolve_kohya(name, index, where=str(ckpt.path))
+
+        def plain(name: str) -> str:  # LyCORIS' bare-model names resolve at merge time
+            if name.startswith("lycoris_"):
+                return name
+            return naming.resolve_kohya(name, index, where=str(ckpt.path))
+
+        return plain
     if isinstance(ckpt, PipelineCheckpoint):
         indexes = {
             c: sd_names.underscored_index(base_modules(sub, conv=True))

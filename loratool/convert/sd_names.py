@@ -37,6 +37,7 @@ PREFIX_COMPONENTS: dict[str, tuple[str, ...]] = {
     "lora_te2_": ("text_encoder_2",),
     "lora_te3_": ("text_encoder_3",),
     "lora_te_": ("text_encoder",),
+    "lycoris_": ("unet", "transformer"),  # LyCORIS' create_lycoris on a bare model
 }
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
