@@ -401,3 +401,40 @@ def test_merge_refuses_a_replaced_embedding_tied_to_lm_head(
         loratool.merge(tiny_llama_dir, [tmp_path / "a.safetensors"], tmp_path / "m")
     assert e.value.code == "tied-replacement"
     assert not (tmp_path / "m").exists()
+
+
+def test_peft_grown_vocabulary_round_trips(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """PEFT's modules_to_save on a resized embedding (new tokens): read with --base as a grown
+    ``full`` target (base_rows = the base's vocabulary), written back so PEFT on the resized base
+    computes the same outputs; merge refuses it (resizing is planned), cleanly."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    import loratool
+    from loratool.errors import CompatibilityError
+    from loratool.format import load
+
+    torch.manual_seed(0)
+    resized = _model(tiny_llama_dir)
+    resized.resize_token_embeddings(520)
+    resized.save_pretrained(tmp_path / "resized")
+    pm = get_peft_model(
+        _model(tmp_path / "resized"),
+        LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"]),
+    )
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    pm.eval().save_pretrained(tmp_path / "peft")
+    ids = {"input_ids": torch.tensor([[1, 5, 515, 9, 519, 2]])}
+    ref = _out(pm, ids)
+    report = convert(tmp_path / "peft", tmp_path / "a.safetensors", base=tiny_llama_dir)
+    assert any("grown vocabulary" in n for n in report["notes"])
+    t = load(tmp_path / "a.safetensors").targets["model.embed_tokens"]
+    assert t.fields["base_rows"] == 512 and t.fields["shapes"]["weight"] == (520, 64)
+    convert(tmp_path / "a.safetensors", tmp_path / "back", to="peft")
+    back = PeftModel.from_pretrained(_model(tmp_path / "resized"), tmp_path / "back").eval()
+    assert float((_out(back, ids) - ref).abs().max()) <= 1e-5
+    with pytest.raises(CompatibilityError) as e:
+        loratool.merge(tiny_llama_dir, [tmp_path / "a.safetensors"], tmp_path / "m")
+    assert e.value.code in ("grown-vocabulary", "tied-replacement")

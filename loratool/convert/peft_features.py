@@ -228,6 +228,14 @@ def complete(adapter: Adapter, ckpt: Checkpoint) -> list[str]:
     from .gguf_read import complete_gguf
 
     notes = complete_gguf(adapter, ckpt)  # llama.cpp names and Q/K order (convert --base)
+    for t in adapter.targets.values():
+        grown = _grown_rows(t, ckpt)
+        if grown is not None:  # a resized vocabulary (PEFT saves the resized copy)
+            t.fields["base_rows"] = grown
+            notes.append(
+                f"'{t.name}': {t.fields['shapes']['weight'][0]} rows, the base has {grown}: "
+                "a grown vocabulary (base_rows)"
+            )
     biased = [t for t in adapter.targets.values() if C.PART_BIAS_DELTA in t.parts()]
     for t in biased:
         _bind_bias(t, ckpt)
@@ -247,6 +255,18 @@ def complete(adapter: Adapter, ckpt: Checkpoint) -> list[str]:
         del t.fields[PENDING]
         notes.append(f"'{t.name}': vocabulary {t.in_features} taken from the base")
     return notes
+
+
+def _grown_rows(t: Target, ckpt: Checkpoint) -> int | None:
+    """The base's row count when a ``full`` weight has more rows than the base's, else None."""
+    if t.kind != C.KIND_FULL or t.fields.get("base_rows") is not None:
+        return None
+    shape = t.fields["shapes"].get(C.PART_WEIGHT)
+    key = ckpt.resolve(t.name)
+    if shape is None or key is None or len(shape) != 2:
+        return None
+    rows, cols = ckpt.shape(key)[0], ckpt.shape(key)[-1]
+    return int(rows) if len(ckpt.shape(key)) == 2 and cols == shape[1] and rows < shape[0] else None
 
 
 def _bind_bias(t: Target, ckpt: Checkpoint) -> None:
@@ -307,8 +327,6 @@ def _peft_refusal(t: Target) -> str | None:
         return (
             "PEFT stores trained bias values, the base's bias plus the delta: convert with --base"
         )
-    if t.kind == C.KIND_FULL and t.fields.get("base_rows") is not None:
-        return "a grown vocabulary: PEFT needs the base resized first (not yet)"
     return None
 
 
