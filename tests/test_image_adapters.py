@@ -366,3 +366,47 @@ def test_kohya_flux_lora_splits_like_diffusers(tmp_path: Path) -> None:
     names = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
     rows = [parts[f"single_transformer_blocks.0.{n}"].delta(torch.float64) for n in names]
     assert torch.equal(torch.cat(rows), fused_delta)
+
+
+@pytest.mark.slow
+def test_flux_back_to_kohya_is_bfl_fused_and_diffusers_reads_it(tmp_path: Path) -> None:
+    """convert --to kohya of a diffusers-named Flux adapter fuses q/k/v back into BFL's qkv
+    (rank 3r, exact); the same ΔW on every fused layer, and diffusers' converter loads it."""
+    from diffusers.loaders import FluxLoraLoaderMixin as Loader
+    from safetensors.torch import load_file
+
+    from loratool.sources import open_adapter
+
+    _kohya_flux(tmp_path / "flux.safetensors")
+    a, k = str(tmp_path / "a.safetensors"), str(tmp_path / "k.safetensors")
+    run_cli(
+        "convert",
+        str(tmp_path / "flux.safetensors"),
+        "-o",
+        a,
+        "--base",
+        str(image_models.flux_dir()),
+    )
+    run_cli("convert", a, "-o", k, "--to", "kohya")
+    src = open_adapter(str(tmp_path / "flux.safetensors")).adapter.targets
+    back = open_adapter(k).adapter.targets
+    assert set(back) == set(src)
+    for name, t in src.items():
+        assert rel(back[name].delta(torch.float64), t.delta(torch.float64)) <= 1e-6, name
+    assert back["lora_unet_double_blocks_0_img_attn_qkv"].rank == 12  # 3 × r
+
+    # diffusers' kohya-Flux converter (linear1 left out: it assumes Flux-dev's sizes)
+    sd = {kk: v for kk, v in load_file(k).items() if "linear1" not in kk}
+    model = _flux()
+    state, alphas = Loader.lora_state_dict(sd, return_alphas=True)[:2]
+    Loader.load_lora_into_transformer(state, network_alphas=alphas, transformer=model)
+    model.fuse_lora(lora_scale=1.0)
+    model.unload_lora()
+    base = load_file(str(image_models.flux_dir() / "diffusion_pytorch_model.safetensors"))
+    ref = model.state_dict()
+    ours = open_adapter(a).adapter.targets
+    for name, t in ours.items():
+        if name.startswith("single_transformer_blocks.0.") and "proj_out" not in name:
+            continue  # linear1's parts
+        got = ref[name + ".weight"].double() - base[name + ".weight"].double()
+        assert rel(got, t.delta(torch.float64)) <= 1e-5, name

@@ -329,8 +329,10 @@ def convert(
 
         write_diffusers(adapter, out, force=force)
     elif to == "kohya":
+        from .flux import fuse_bfl
         from .kohya import write_kohya_notes
 
+        adapter = fuse_bfl(adapter, notes)  # Flux: BFL's fused names, as kohya trains them
         notes += write_kohya_notes(adapter, out, force=force)[1]
     else:
         from .gguf import write_gguf_notes

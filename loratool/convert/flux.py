@@ -66,3 +66,65 @@ def split_bfl(adapter: Adapter, ckpt: Checkpoint, notes: list[str], prefix: str 
         metadata=adapter.metadata,
         path=adapter.path,
     )
+
+
+def _bfl_of(path: str) -> tuple[str, tuple[str, ...], str] | None:
+    """(BFL module, its diffusers parts, this path's part) for a diffusers Flux block path."""
+    import re
+
+    m = re.fullmatch(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)", path)
+    if m is None:
+        return None
+    kind = "double_blocks" if m.group(1) == "transformer_blocks" else "single_blocks"
+    for pattern, parts in sd_names.FLUX_BFL.items():
+        if pattern.startswith(kind) and m.group(3) in parts:
+            return pattern.replace(r"(\d+)", m.group(2)).replace("\\.", "."), parts, m.group(3)
+    return None
+
+
+def fuse_bfl(adapter: Adapter, notes: list[str]) -> Adapter:
+    """The way back for ``convert --to kohya``: diffusers Flux targets under BFL's kohya names.
+
+    The parts of one fused layer (q, k, v; in the single blocks also proj_mlp) become one LoRA
+    of rank Σr: A = [A_q; A_k; A_v], B = blockdiag(s_q·B_q, s_k·B_k, s_v·B_v), alpha = Σr
+    (scale 1) — exactly the sum of the parts' updates in BFL's row order; the scales move into
+    B (one rounding). Used only when every target is a plain Linear LoRA on a Flux block layer
+    and each fused layer has all its parts; otherwise the diffusers names stay (and a note).
+    """
+    import torch
+
+    found: dict[str, tuple[tuple[str, ...], dict[str, Target]]] = {}
+    for name, t in adapter.targets.items():
+        hit = _bfl_of(name.removeprefix("transformer."))
+        if hit is None or t.kind != "linear" or t.features:
+            if found or hit is not None:
+                notes.append("Flux modules keep their diffusers names (not all are BFL layers)")
+            return adapter
+        bfl, parts, part = hit
+        found.setdefault(bfl, (parts, {}))[1][part] = t
+    if any(set(parts) != set(members) for parts, members in found.values()):
+        notes.append("Flux modules keep their diffusers names (a fused layer lacks a part)")
+        return adapter
+    out: dict[str, Target] = {}
+    for bfl, (names, members) in sorted(found.items()):
+        kohya = "lora_unet_" + bfl.replace(".", "_")
+        ts = [members[p] for p in names]
+        if len(ts) == 1:
+            out[kohya] = ts[0].replace(name=kohya)
+            continue
+        total = sum(t.rank for t in ts)
+        B = torch.zeros(sum(t.out_features for t in ts), total, dtype=torch.float64)
+        r0 = c0 = 0
+        for t in ts:
+            B[r0 : r0 + t.out_features, c0 : c0 + t.rank] = t.lora_B.double() * t.scale
+            r0, c0 = r0 + t.out_features, c0 + t.rank
+        A = torch.cat([t.lora_A for t in ts])
+        out[kohya] = Target.from_factors(kohya, A, B.to(A.dtype), alpha=float(total))
+    notes.append(f"{len(found)} Flux modules under BFL's kohya names (q/k/v fused exactly)")
+    return Adapter(
+        targets=out,
+        base=adapter.base,
+        provenance=adapter.provenance,
+        metadata=adapter.metadata,
+        path=adapter.path,
+    )
