@@ -105,3 +105,43 @@ def test_pull_peft_only_repo_with_features(
     got, want = load(client.work / "p.safetensors"), load(adapter)
     for key, x in want.state_dict().items():
         assert torch.equal(got.state_dict()[key], x), key
+
+
+def test_push_twin_of_trained_biases_needs_the_base(
+    client: Client,  # noqa: F811
+    tiny_bert_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """PEFT stores trained biases as values: push --base writes them (base + delta) and
+    PeftModel.from_pretrained(repo) computes the trained outputs; without a base, refused."""
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    model = AutoModel.from_pretrained(tiny_bert_dir)
+    lora.inject(model, targets="query,value", rank=2, bias="all")
+    with torch.no_grad():
+        for p in lora.lora_parameters(model).values():
+            p.add_(torch.randn_like(p) * 0.1)
+        hidden = model.eval()(torch.tensor(IDS)).last_hidden_state
+    out = tmp_path_factory.mktemp("bias")
+    lora.extract_adapter(model, hub_id="tester/tiny-bert").save(out / "b.safetensors")
+    torch.save(hidden, out / "hidden.pt")
+    repo = f"{USER}/spec11-bias"
+    r = client.run("push", str(out / "b.safetensors"), repo)
+    assert r.returncode != 0 and "--base" in r.stderr and "--no-peft" in r.stderr, r.stderr
+    r = client.run("push", str(out / "b.safetensors"), repo, "--base", str(tiny_bert_dir))
+    assert r.returncode == 0, r.stderr
+    code = f"""
+import json, torch
+from transformers import AutoModel
+from peft import PeftModel
+model = PeftModel.from_pretrained(AutoModel.from_pretrained({str(tiny_bert_dir)!r}), {repo!r})
+with torch.no_grad():
+    got = model.eval()(torch.tensor({IDS!r})).last_hidden_state
+want = torch.load({str(out / "hidden.pt")!r})
+print(json.dumps({{"diff": (got - want).abs().max().item(), "bias": model.peft_config["default"].bias}}))
+"""
+    r = client.script(code)
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(r.stdout.strip().splitlines()[-1])
+    assert doc["diff"] <= 1e-5 and doc["bias"] == "all", doc

@@ -43,6 +43,11 @@ from ..console import emit_json, info, warn
 @click.option(
     "--endpoint", metavar="URL", help="Hub URL (default: $HF_ENDPOINT or huggingface.co)."
 )
+@click.option(
+    "--base",
+    type=click.Path(exists=True),
+    help="A local base model, for a PEFT twin of trained biases (PEFT stores their values).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document.")
 def command(
     adapter: str,
@@ -55,6 +60,7 @@ def command(
     base_model: str | None,
     task_type: str | None,
     endpoint: str | None,
+    base: str | None,
     as_json: bool,
 ) -> None:
     """Upload ADAPTER (a loratool file or anything `convert` reads) to REPO_ID.
@@ -80,6 +86,7 @@ def command(
         task_type=task_type,
         endpoint=endpoint,
         progress=sys.stderr.isatty() and not as_json,
+        base=base,
     )
     for w in report.warnings:
         warn(w)

@@ -78,8 +78,12 @@ def push(
     task_type: str | None = None,
     endpoint: str | None = None,
     progress: bool = False,
+    base: str | os.PathLike[str] | None = None,
 ) -> PushReport:
     """Upload an adapter, its PEFT twin and a model card to ``repo_id`` in one commit.
+
+    ``base`` (a local base model) gives the PEFT twin what only the base knows: PEFT stores
+    trained biases as values (the base's plus the adapter's deltas, spec 1.1 §3.5).
 
     ``adapter_path`` is anything ``open_adapter`` reads. ``base_model`` sets (or overrides) the
     base model's Hub id in the card, the PEFT config and the uploaded adapter's binding; without
@@ -186,6 +190,11 @@ def push(
 
                     write_peft_lycoris(adapter, peft_dir, force=True)
                 else:
+                    if base is not None:  # bias values need the base's biases
+                        from ..checkpoint import Checkpoint
+                        from ..convert.peft_features import complete
+
+                        complete(adapter, Checkpoint(base))
                     write_peft(adapter, peft_dir, force=True, base_model=hub_id, task_type=task)
             except LoratoolError as e:
                 e.hint = (e.hint + "; " if e.hint else "") + "or push with --no-peft"
