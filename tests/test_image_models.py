@@ -87,3 +87,19 @@ def test_the_image_kinds_fixture_loads_and_validates() -> None:
     targets = {**schema["$defs"]["targets"], "$defs": schema["$defs"]}
     jsonschema.Draft202012Validator(targets).validate(json.loads(meta["loratool.targets"]))
     assert json.loads(meta["loratool.requires"]) == ["conv2d", "dora", "loha", "lokr"]
+
+
+def test_sdxl_single_file_names_are_diffusers_inverse() -> None:
+    """The SDXL UNet (text_time embedding, label_emb, 2 transformer layers) in the single-file
+    layout converts back to its diffusers keys with diffusers' own converter."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    unet = image_models.unet_dir("tiny-sdxl")
+    ref = _load(unet / "diffusion_pytorch_model.safetensors")
+    names = diffusers_unet_to_single(ref)
+    assert set(names) == set(ref)
+    single = {names[k]: v for k, v in ref.items()}
+    back = convert_ldm_unet_checkpoint(single, json.loads((unet / "config.json").read_text()))
+    assert set(back) == set(ref)
+    assert all(back[k].equal(ref[k]) for k in ref)  # type: ignore[attr-defined]
+    assert {k: unet_aliases(single)[k] for k in ref} == names
