@@ -154,6 +154,13 @@ def main() -> None:
 
         native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
         args.dtype = "bf16" if native else "f32"
+    import importlib.util
+
+    if "st" in args.sides.split(",") and importlib.util.find_spec("datasets") is None:
+        raise SystemExit(
+            "the sentence-transformers side needs `datasets` (its trainer's input): "
+            "pip install datasets, or pass --sides loratool"
+        )
     import models
 
     model = str(models.minilm())
