@@ -32,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "eval_retrieval",
         "Recall@k and MRR of a sentence encoder, with or without an adapter.",
     ),
+    "mine-negatives": (
+        "mine_negatives",
+        "Add hard negatives to retrieval pairs, ranked by an encoder (the base by default).",
+    ),
     "push": ("push", "Upload an adapter to the Hugging Face Hub with a model card and PEFT files."),
     "pull": ("pull", "Download and verify an adapter from the Hugging Face Hub."),
     "generate": ("generate", "Generate text from a base model with adapters on it."),
