@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import kinds
+from . import kinds, tied
 from .adapter import Adapter, fingerprint
 from .errors import CompatibilityError, FormatError
 from .format import TensorInfo, is_pickle, parse_container, read_head
@@ -184,6 +184,8 @@ class Checkpoint:
         parts = module.split(".", 1)
         if len(parts) == 2 and parts[1] + suffix in self.entries:
             candidates.add(parts[1] + suffix)
+        if not candidates and suffix == ".weight" and module.rsplit(".", 1)[-1] == tied.HEAD:
+            return tied.tied_embedding(self.path, self.entries)  # a tied head: the embedding's
         return candidates.pop() if len(candidates) == 1 else None
 
     def aliases(self) -> dict[str, str]:

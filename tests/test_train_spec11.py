@@ -383,30 +383,35 @@ def test_extract_names_changed_biases(tiny_bert_dir: Path, tmp_path: Path) -> No
     assert any("biases differ from the base" in w for w in report.warnings), report.warnings
 
 
-def test_merge_refuses_a_replaced_embedding_tied_to_lm_head(
+def test_merge_unties_a_replaced_embedding_tied_to_lm_head(
     tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
-    """PEFT's modules_to_save on a tied embedding leaves lm_head as it was; a merged checkpoint
-    that keeps the tie cannot, so merge refuses (attach computes PEFT's outputs)."""
+    """PEFT's modules_to_save on a tied embedding leaves lm_head as it was; the merged checkpoint
+    unties them (its own lm_head.weight, tie_word_embeddings false) and computes the injected
+    model's outputs (the PEFT equivalence: tests/test_merge_vocab.py)."""
+    import json
+
     import loratool
-    from loratool.errors import CompatibilityError
 
     model = _model(tiny_llama_dir)
     lora.inject(model, targets="q_proj", rank=2, modules_to_save=["embed_tokens"])
     with torch.no_grad():
         for p in lora.lora_parameters(model).values():
             p.add_(torch.randn_like(p) * 0.1)
+    ids = _inputs(model)
+    ref = _out(model.eval(), ids)
     lora.extract_adapter(model).save(tmp_path / "a.safetensors")
-    with pytest.raises(CompatibilityError) as e:
-        loratool.merge(tiny_llama_dir, [tmp_path / "a.safetensors"], tmp_path / "m")
-    assert e.value.code == "tied-replacement"
-    assert not (tmp_path / "m").exists()
+    loratool.merge(tiny_llama_dir, [tmp_path / "a.safetensors"], tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    assert float((_out(_model(tmp_path / "m").eval(), ids) - ref).abs().max()) <= 1e-5
 
 
 def test_peft_grown_vocabulary_round_trips(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """PEFT's modules_to_save on a resized embedding (new tokens): read with --base as a grown
     ``full`` target (base_rows = the base's vocabulary), written back so PEFT on the resized base
-    computes the same outputs; merge refuses it (resizing is planned), cleanly."""
+    computes the same outputs; merge refuses it, cleanly: the resized base's new lm_head rows
+    are in no adapter file (with lm_head saved too it merges: tests/test_merge_vocab.py)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     import loratool
@@ -437,4 +442,4 @@ def test_peft_grown_vocabulary_round_trips(tiny_llama_dir: Path, tmp_path: Path)
     assert float((_out(back, ids) - ref).abs().max()) <= 1e-5
     with pytest.raises(CompatibilityError) as e:
         loratool.merge(tiny_llama_dir, [tmp_path / "a.safetensors"], tmp_path / "m")
-    assert e.value.code in ("grown-vocabulary", "tied-replacement")
+    assert e.value.code == "grown-vocabulary" and "lm_head" in str(e.value)

@@ -197,7 +197,7 @@ def memory_loop(
 
     result: dict[str, torch.Tensor] = {}
     for name, job in jobs.items():
-        W = ckpt.state[name]
+        W = ckpt.state[job.read_key]
         if not job.targeted:
             result[name] = (
                 W if job.out_dtype == job.in_dtype else W.to(torch_dtype_of(job.out_dtype))
@@ -206,7 +206,7 @@ def memory_loop(
         if ctx.hash_in:
             outcome.hashes[name] = sha256_of(W)
         Wd = W.detach().to(ctx.device).contiguous()
-        out = _empty(job.shape, job.out_dtype, ctx.device)
+        out = _empty(job.out_shape, job.out_dtype, ctx.device)
         compute_job(job, Wd, out, ctx, outcome)
         if ctx.hash_out:
             outcome.hashes[name] = sha256_of(out)

@@ -10,7 +10,8 @@ one weight at a time, through the kind's own rule (``Kind.merge_weight``/``merge
   corrections, since unmerge cannot compute them — it leaves the tensor and the sidecar puts
   back every element the merge changed;
 * ``plan_features`` checks before anything is written: weights ±1 only where a rule is not
-  linear, a bias to merge into, one non-linear term per tensor, no grown vocabulary.
+  linear, a bias to merge into, one non-linear term per tensor (grown vocabularies and tied
+  heads: ``vocab.py``).
 """
 
 from __future__ import annotations
@@ -61,24 +62,6 @@ def plan_features(
                     code="nonlinear-weight",
                     hint="DoRA and replaced tensors have no weighted form; merge them alone at 1",
                 )
-            if t.kind == "full" and t.fields.get("base_rows") is not None:
-                raise CompatibilityError(
-                    f"target '{tname}' of {inp.name} grows '{key}' from "
-                    f"{t.fields['base_rows']} to {t.fields['shapes']['weight'][0]} rows",
-                    code="grown-vocabulary",
-                    hint="merging a grown vocabulary is not supported yet: convert --to peft "
-                    "and load it with resize_token_embeddings",
-                )
-            if t.kind == "full" and _tied_input(base, tname):
-                raise CompatibilityError(
-                    f"target '{tname}' of {inp.name} replaces the input embedding of a base "
-                    "that ties lm_head to it: the merged checkpoint would change lm_head too, "
-                    "where PEFT's modules_to_save keeps lm_head as it was",
-                    code="tied-replacement",
-                    where=str(base.path),
-                    hint="apply it unmerged (PEFT, or loratool's attach), or untie the base's "
-                    "lm_head first (save it with tie_word_embeddings false)",
-                )
             if kind.touches_bias(t):
                 bkey = base.resolve(tname, ".bias")
                 if bkey is None:
@@ -98,26 +81,6 @@ def plan_features(
                 code="nonlinear-stack",
                 hint="merge the DoRA or replacing adapter on its own, then the others",
             )
-
-
-EMBEDDING_LEAVES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "shared")
-
-
-def _tied_input(base: Checkpoint, module: str) -> bool:
-    """Whether ``module`` is an input embedding whose weight the base's output head shares:
-    config.json ties them and the checkpoint stores no separate ``lm_head.weight``."""
-    import json
-    from pathlib import Path
-
-    if module.rsplit(".", 1)[-1] not in EMBEDDING_LEAVES:
-        return False
-    folder = Path(base.path) if Path(base.path).is_dir() else Path(base.path).parent
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    tied = isinstance(config, dict) and config.get("tie_word_embeddings") is True
-    return tied and base.resolve("lm_head") is None
 
 
 def _feat(t: Any) -> str:
@@ -142,13 +105,15 @@ def compute_dense(
     # out may be W's own buffer (the pipeline writes in place): keep what the check needs
     orig = W.detach().clone() if ctx.roundtrip and not unmerge else W
     out.copy_(new.to(out.dtype))  # the one rounding
-    res = DeltaResult([float((new - X).square().sum())])
     got = out.to(cdt)
+    if job.new_shape is not None:  # a grown vocabulary: its new rows count against zeros
+        X = torch.cat([X, X.new_zeros((new.shape[0] - X.shape[0], *X.shape[1:]))])
+    res = DeltaResult([float((new - X).square().sum())])
     res.sums += [float((got - X).square().sum()), float((got - new).square().sum())]
     if ctx.roundtrip and not unmerge:
         norms = _norms(job, X)
         back = _inverse(job, got, norms).to(W.dtype)
-        _misses(back, orig, res, collect=ctx.collect)
+        _misses(back[: orig.shape[0]], orig, res, collect=ctx.collect)
         if ctx.collect and not all(kinds.get(t.kind).exact_inverse(t) for t, _ in job.terms):
             _keep(outcome, job.key + DENSE_SUFFIX, norms)
     return res

@@ -18,6 +18,7 @@ from .prepare import Prepared, finish, in_memory, prepare, written
 from .provenance import read_records, record_id, roundtrip_stats, shard_metadata_with, tool_version
 from .report import MergeReport, Progress, add_warnings
 from .sidecar import Sidecar, Spool, encode_corrections, sidecar_file_name, write_sidecar_file
+from .vocab import config_changes, write_config
 
 if TYPE_CHECKING:
     import torch
@@ -129,7 +130,11 @@ def _write(
         return shard_metadata_with(ckpt.shard_metadata[shard], records, add_format=add_format)
 
     namer = shard_namer(ckpt, out_path)
-    with written(p, p.jobs, report, skip=set()) as dest:
+    changes = config_changes(p.jobs)  # a grown vocabulary, an untied head (vocab.py)
+    skip = {"config.json"} if changes and ckpt.is_dir else set()
+    with written(p, p.jobs, report, skip=skip) as dest:
+        if skip:
+            write_config(ckpt, dest, changes)
         if sidecar_name is not None:
             # In the output's temp dir, so a killed merge's spool goes with it (_io, leftovers).
             fd, spool_path = tempfile.mkstemp(prefix=".", suffix=".spool", dir=dest)

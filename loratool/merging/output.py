@@ -61,10 +61,12 @@ def write_layout(ckpt: Checkpoint, dest: Path, jobs: Mapping[str, Job]) -> None:
     """index.json for a sharded base: the same weight map, ``total_size`` of the new data."""
     if ckpt.index is None:
         return
-    total = sum(job_nbytes(j, j.out_dtype) for j in jobs.values())
+    total = sum(job_nbytes(j, j.out_dtype, out=True) for j in jobs.values())
     meta = ckpt.index.get("metadata")
     weight_map = ckpt.index.get("weight_map")
     assert isinstance(weight_map, dict)
+    new = {j.key: weight_map[j.source] for j in jobs.values() if j.source in weight_map}
+    weight_map = {**weight_map, **new}  # an untied lm_head: in its embedding's shard
     write_index(
         dest, weight_map, total_size=total, metadata=meta if isinstance(meta, dict) else None
     )

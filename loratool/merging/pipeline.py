@@ -34,6 +34,7 @@ from .delta import DeltaResult, check_finite
 from .dense import needs_dense
 from .plan import Job, job_nbytes
 from .report import ProgressEvent
+from .vocab import shard_names_of
 
 if TYPE_CHECKING:
     import torch
@@ -145,12 +146,15 @@ def _stream_files(
 
     cuda = ctx.device == "cuda"
     workers = _workers()
-    order = [name for shard in base.shards for name in base.shard_tensors[shard]]
+    shard_names = shard_names_of(base, jobs)
+    order = [name for shard in base.shards for name in shard_names[shard]]
     blockwise = {n for n in order if jobs[n].targeted and _blockwise(jobs[n], ctx)}
     targeted = [n for n in order if jobs[n].targeted and n not in blockwise]
     queued = threading.BoundedSemaphore(2 * workers)  # blockwise jobs submitted, not yet done
     biggest_in = max((job_nbytes(jobs[n], jobs[n].in_dtype) for n in targeted), default=1)
-    biggest_out = max((job_nbytes(jobs[n], jobs[n].out_dtype) for n in targeted), default=1)
+    biggest_out = max(
+        (job_nbytes(jobs[n], jobs[n].out_dtype, out=True) for n in targeted), default=1
+    )
     in_pool = _Pool(workers + 1, biggest_in, pin=cuda)
     out_pool = _Pool(workers, biggest_out, pin=cuda)
     upload = torch.cuda.Stream() if cuda else None
@@ -158,7 +162,7 @@ def _stream_files(
     def read(name: str) -> tuple[torch.Tensor, torch.Tensor | None, str | None]:
         buf = in_pool.get()
         size = job_nbytes(jobs[name], jobs[name].in_dtype)
-        base.read_into(name, byte_view(buf[:size]))
+        base.read_into(jobs[name].read_key, byte_view(buf[:size]))
         digest = hashlib.sha256(byte_view(buf[:size])).hexdigest() if ctx.hash_in else None
         W = _view(buf, jobs[name].in_dtype, jobs[name].shape)
         if upload is None:
@@ -181,15 +185,15 @@ def _stream_files(
                 out = W
                 _in_place(job, W, ctx, outcome, base)
             elif cuda:
-                out = _view(obuf, job.out_dtype, job.shape)
+                out = _view(obuf, job.out_dtype, job.out_shape)
                 stream = _thread_stream()
                 with torch.cuda.stream(stream):
-                    od = torch.empty(job.shape, dtype=out.dtype, device=ctx.device)
+                    od = torch.empty(job.out_shape, dtype=out.dtype, device=ctx.device)
                     compute_job(job, W, od, ctx, outcome)
                     out.copy_(od, non_blocking=True)
                 stream.synchronize()  # this worker waits for its download; the other computes
             else:
-                out = _view(obuf, job.out_dtype, job.shape)
+                out = _view(obuf, job.out_dtype, job.out_shape)
                 compute_job(job, W, out, ctx, outcome)
             if buf is not None and obuf is not None:
                 in_pool.put(buf)
@@ -222,8 +226,10 @@ def _stream_files(
     try:
         read_ahead()
         for si, shard in enumerate(base.shards):
-            names = base.shard_tensors[shard]
-            specs = aligned_order([TensorSpec(n, jobs[n].out_dtype, jobs[n].shape) for n in names])
+            names = shard_names[shard]
+            specs = aligned_order(
+                [TensorSpec(n, jobs[n].out_dtype, jobs[n].out_shape) for n in names]
+            )
             fname = out_name(shard)
             w = SafetensorsWriter(tmp / fname, specs, metadata_for(shard), reserve=reserve)
             total, done = w.size - len(w.head), 0
@@ -241,18 +247,18 @@ def _stream_files(
                         outcome.hashes[name] = digest
                     # An output buffer where the dtype changes or the result comes back from
                     # the GPU (blocks while every worker is busy: bounded memory); else in place.
-                    inplace = not cuda and job.out_dtype == job.in_dtype
+                    inplace = not cuda and job.out_dtype == job.in_dtype and not job.reshaped
                     obuf = None if inplace else out_pool.get()
                     tasks.append(pool.submit(process, w, job, W, buf, obuf))
                     del W, buf
                 elif job.out_dtype == job.in_dtype:
-                    e = base.entries[name]
+                    e = base.entries[job.read_key]
                     tasks.append(
                         pool.submit(_copy, w, name, fds[shard], e.data_start + e.info.begin)
                     )
                 else:
                     tasks.append(pool.submit(_cast, w, base, name, job))
-                done += job_nbytes(job, job.out_dtype)
+                done += job_nbytes(job, job.out_dtype, out=True)
                 if ctx.progress is not None:
                     ctx.progress(ProgressEvent(fname, si, len(base.shards), done, total, name))
                 while len(open_shards) > 1 and all(t.done() for t in open_shards[0][1]):
@@ -302,14 +308,14 @@ def _in_blocks(
     """``compute_in_blocks`` from ``base``'s file into ``w``'s, one page-cache writer at a time."""
 
     def read(view: memoryview, offset: int) -> None:
-        base.read_into(job.key, view, offset=offset)
+        base.read_into(job.read_key, view, offset=offset)
 
     def write(offset: int, block: torch.Tensor) -> None:
         with _WRITE:
             w.write_part(job.key, offset, block)
 
     def reread() -> tuple[torch.Tensor, bytes]:
-        return base.read(job.key), w.read_back(job.key)
+        return base.read(job.read_key), w.read_back(job.key)
 
     try:
         compute_in_blocks(job, read, write, reread, ctx, outcome)
@@ -351,7 +357,7 @@ def _in_place(job: Job, W: torch.Tensor, ctx: Context, outcome: Outcome, base: C
     except FormatError as e:
         if e.code != "non-finite":
             raise
-        check_finite(job, base.read(job.key), W, DeltaResult([math.nan] * 3), ctx.where)
+        check_finite(job, base.read(job.read_key), W, DeltaResult([math.nan] * 3), ctx.where)
         raise
 
 
@@ -380,7 +386,7 @@ def _cast(w: SafetensorsWriter, base: Checkpoint, name: str, job: Job) -> None:
     for start in range(0, n, chunk):
         k = min(chunk, n - start)
         view = memoryview(buf)[: k * size_in]
-        base.read_into(name, view, offset=start * size_in)
+        base.read_into(job.read_key, view, offset=start * size_in)
         x = torch.frombuffer(view, dtype=torch_dtype_of(job.in_dtype))
         y = x.to(torch_dtype_of(job.out_dtype))
         with _WRITE:

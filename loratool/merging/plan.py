@@ -26,10 +26,27 @@ class Job:
     out_dtype: str
     shape: tuple[int, ...]
     terms: list[tuple[Target, float]] = field(default_factory=list)  # (target, signed weight)
+    # spec 1.1 vocabularies (vocab.py): the written shape where a grown vocabulary resizes the
+    # weight, and the base key read for a tensor the base lacks (an untied lm_head)
+    new_shape: tuple[int, ...] | None = None
+    source: str | None = None
 
     @property
     def targeted(self) -> bool:
         return bool(self.terms)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return self.shape if self.new_shape is None else self.new_shape
+
+    @property
+    def read_key(self) -> str:
+        return self.key if self.source is None else self.source
+
+    @property
+    def reshaped(self) -> bool:
+        """Whether the output differs in layout from the base (no unmerge, no sidecar)."""
+        return self.new_shape is not None or self.source is not None
 
 
 def plan_jobs(
@@ -45,8 +62,14 @@ def plan_jobs(
         name: Job(name, e.info.dtype, out_dtype(name, e.info.dtype), e.info.shape)
         for name, e in base.entries.items()
     }
+    from .dense import plan_features  # spec 1.1: bias terms and the refusals, before writing
+    from .vocab import plan_vocab, refuse_shrink, untie_keys  # spec 1.1: vocabularies, heads
+
     for inp in inputs:
+        if sign < 0:
+            refuse_shrink(inp)  # before check_fits, whose shape-mismatch would say less
         inp.keys = base.check_fits(inp.adapter, force=force)
+        untie_keys(base, inp, jobs)
         seen: dict[str, str] = {}
         for tname, key in inp.keys.items():
             if key in seen:
@@ -65,9 +88,8 @@ def plan_jobs(
                     hint="dequantize the base first",
                 )
             job.terms.append((inp.adapter.targets[tname], sign * inp.weight))
-    from .dense import plan_features  # spec 1.1: bias terms and the refusals, before writing
-
     plan_features(base, inputs, jobs, sign=sign)
+    plan_vocab(base, jobs)
     return jobs
 
 
@@ -84,6 +106,14 @@ def dtype_rule(dtype: str) -> Callable[[str, str], str]:
 
 def check_reversible_dtypes(jobs: Mapping[str, Job]) -> None:
     for job in jobs.values():
+        if job.reshaped:
+            raise UsageError(
+                f"--reversible with a merge that changes the checkpoint's layout ('{job.key}': "
+                + ("a grown vocabulary" if job.new_shape is not None else "an untied lm_head")
+                + ")",
+                code="not-reversible",
+                hint="merge without --reversible; keep the base to go back to it",
+            )
         if job.out_dtype != job.in_dtype and (job.in_dtype, job.out_dtype) not in WIDENINGS:
             raise UsageError(
                 f"--reversible with a narrowing --dtype "
@@ -104,5 +134,6 @@ def module_names(inputs: list[Input]) -> dict[str, list[str]]:
     return names
 
 
-def job_nbytes(job: Job, dtype: str) -> int:
-    return math.prod(job.shape) * ALL_DTYPES[dtype]
+def job_nbytes(job: Job, dtype: str, *, out: bool = False) -> int:
+    """Bytes of the job's tensor in ``dtype``: as read from the base, or (``out``) as written."""
+    return math.prod(job.out_shape if out else job.shape) * ALL_DTYPES[dtype]
