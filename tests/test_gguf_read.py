@@ -129,23 +129,62 @@ def test_bad_gguf_adapters_fail_cleanly(tmp_path: Path, case: str, code: str) ->
     assert e.value.code == code, e.value
 
 
-LCPP = Path(os.environ.get("LORATOOL_LLAMA_CPP", "/tmp/lcpp/llama.cpp"))
+LLAMA_CPP_PYTHON = "0.3.36"  # the llama-cpp-python sdist whose vendored llama.cpp is tested
+CACHE = Path(__file__).resolve().parents[1] / ".cache"
+# what convert_lora_to_gguf.py runs on, inside the sdist's vendor/llama.cpp
+LCPP_PARTS = ("convert_lora_to_gguf.py", "convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+
+
+def _llama_cpp() -> Path:
+    """llama.cpp's converter source: LORATOOL_LLAMA_CPP (an unpacked sdist's vendor/llama.cpp),
+    else the llama-cpp-python sdist fetched once into .cache/sdist with pip and its converter
+    files unpacked into .cache/llama.cpp-<version>; skips only when that cannot be had."""
+    import tarfile
+
+    env = os.environ.get("LORATOOL_LLAMA_CPP")
+    if env:
+        if not (Path(env) / "convert_lora_to_gguf.py").is_file():
+            pytest.skip(f"LORATOOL_LLAMA_CPP={env} has no convert_lora_to_gguf.py")
+        return Path(env)
+    dest = CACHE / f"llama.cpp-{LLAMA_CPP_PYTHON}"
+    if (dest / "convert_lora_to_gguf.py").is_file():
+        return dest
+    sdist = CACHE / "sdist" / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
+    if not sdist.is_file():
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
+        cmd += [f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(sdist.parent)]
+        try:
+            subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+        except (OSError, subprocess.SubprocessError) as e:
+            pytest.skip(f"llama-cpp-python {LLAMA_CPP_PYTHON} sdist not downloadable: {e}")
+        if not sdist.is_file():
+            pytest.skip(f"pip download left no {sdist.name}")
+    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON}/vendor/llama.cpp/"
+    tmp = dest.with_name(dest.name + ".part")
+    with tarfile.open(sdist) as tar:
+        members = []
+        for m in tar.getmembers():
+            rel = m.name[len(prefix) :] if m.name.startswith(prefix) else ""
+            if (m.isfile() or m.isdir()) and rel and rel.startswith(LCPP_PARTS):
+                m.name = rel
+                members.append(m)
+        tar.extractall(tmp, members=members, filter="data")  # no links, nothing outside tmp
+    tmp.rename(dest)  # whole, or not at all: a killed unpack leaves only the .part folder
+    return dest
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not (LCPP / "convert_lora_to_gguf.py").is_file(),
-    reason="llama.cpp source (LORATOOL_LLAMA_CPP: the llama-cpp-python sdist's vendor/llama.cpp)",
-)
 def test_llama_cpp_converter_output_imports_with_peft_delta(
     tmp_path: Path, smollm2_dir: Path
 ) -> None:
     """llama.cpp's own convert_lora_to_gguf.py on a PEFT adapter of SmolLM2 (q/k permuted by
     its LlamaModel, alpha in the file), read back with --base: PEFT's ΔW for every module.
 
-    Set up: ``pip download --no-deps --no-binary :all: llama-cpp-python`` (0.3.36 tested), unpack,
-    point LORATOOL_LLAMA_CPP at its vendor/llama.cpp (it needs only torch, transformers, numpy).
+    The converter comes from the llama-cpp-python sdist (``_llama_cpp``: downloaded by pip into
+    .cache/ unless LORATOOL_LLAMA_CPP points at an unpacked one); it needs only torch,
+    transformers and numpy.
     """
+    LCPP = _llama_cpp()
     _peft_adapter(smollm2_dir, tmp_path / "peft", r=8, lora_alpha=16, target_modules=LLAMA)
     # its own gguf-py and conversion package, as llama.cpp runs it
     env = {**os.environ, "PYTHONPATH": f"{LCPP / 'gguf-py'}{os.pathsep}{LCPP}"}
