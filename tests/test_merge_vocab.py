@@ -154,3 +154,24 @@ def test_sharded_grown_vocabulary_index(tiny_sharded_llama_dir: Path, tmp_path: 
                 if k in ("lm_head.weight", "model.embed_tokens.weight"):
                     assert t.get_shape()[0] == vocab + 8
     assert index["metadata"]["total_size"] == total
+
+
+def test_lora_on_a_tied_lm_head_unties(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """A LoRA on lm_head of a tied base (PEFT's layer changes the head, not the embedding): the
+    target binds to the embedding's weight and the merge writes the head apart."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    pm = get_peft_model(
+        _model(tiny_llama_dir),
+        LoraConfig(
+            r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False
+        ),
+    )
+    pm.eval().save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        ref = pm(IDS).logits
+    got = _merged_logits(tiny_llama_dir, tmp_path, IDS)
+    assert float((got - ref).abs().max()) <= 1e-5
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
