@@ -8,6 +8,9 @@ runs ``scaled_dot_product_attention(is_causal=True, enable_gqa=True)`` on each d
 instead: the varlen idea of flash-attention, in plain PyTorch, on any device. With rows of ~5
 documents it does ~10× less attention work than the masked square.
 
+On a CPU, documents of up to ``SHORT_DOCUMENT`` tokens go through ``ShortAttention`` instead
+(plain matmul-softmax-matmul, the probabilities recomputed in backward rather than kept).
+
 The document boundaries come from the batch (``packed_segments``); outside that context, or when
 the query is not the whole row (generation with a cache), it is transformers' SDPA unchanged.
 Positions after the last document (row padding) get a zero attention output: nothing reads them.
