@@ -57,6 +57,7 @@ LAYERS: dict[str, int] = {
     "leftovers": 1,
     "limits": 1,
     "unpickle": 1,
+    "tied": 1,
     "target": 2,
     "adapter": 2,
     "format": 3,
