@@ -93,7 +93,7 @@ def _warmup(value: str) -> float:
 )
 @click.option("--weight-decay", type=float, help="AdamW weight decay [0].")
 @click.option("--max-grad-norm", type=float, help="Gradient clipping norm, 0 for none [1.0].")
-@click.option("--epochs", type=float, help="Passes over the data [1].")
+@click.option("--epochs", type=float, help="Passes over the data [1; --task embedding: 2].")
 @click.option("--max-steps", type=int, help="Optimizer steps; overrides --epochs.")
 @click.option(
     "--batch-size",
