@@ -426,6 +426,26 @@ def test_smollm2_learns_the_facts_on_an_nf4_base(tmp_path: Path, smollm2_dir: Pa
         model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.bfloat16)
         if quantized:
             quantize_model(model, "nf4")
+            _dense_copy_of_quantized(model)  # deq(q(W)) as plain Linears: the same function,
+            # without dequantising every weight again for every generated token
         lora.attach(model, adapter)
         answers = demo.ask(model.eval(), tokenizer, questions)
         assert sum(ok for _, ok in answers) == len(questions), (quantized, answers)
+
+
+def _dense_copy_of_quantized(model: torch.nn.Module) -> None:
+    """Swap each QuantLinear for an nn.Linear holding its dequantised weight, in place."""
+    from loratool.quant.linear import QuantLinear
+
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, QuantLinear):
+            continue
+        w = m.dequantized()
+        dense = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+        dense = dense.to(dtype=w.dtype).requires_grad_(False)
+        with torch.no_grad():
+            dense.weight.copy_(w)
+            if m.bias is not None:
+                dense.bias.copy_(m.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, dense)
