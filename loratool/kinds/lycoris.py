@@ -75,14 +75,7 @@ class _Product(Kind):
         return t.in_features * math.prod(self.kernel(t))
 
     def entry(self, t: Target) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "alpha": t.alpha,
-            "in_features": t.in_features,
-            "kind": t.kind,
-            "out_features": t.out_features,
-            "rank": t.rank,
-            "scale_rule": t.scale_rule,
-        }
+        out = super().entry(t)
         if self.kernel(t):
             out[KERNEL] = list(self.kernel(t))
         return out

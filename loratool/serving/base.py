@@ -50,12 +50,9 @@ def load_base(path: str, *, dtype: str = "auto", device: str = "auto") -> Base:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(
-            f"cannot load model '{path}': {first}",
-            code="bad-model",
-            hint="a local Hugging Face model directory, or a Hub id (cached, or reachable)",
-        ) from None
+        from ..training.runtime import load_error
+
+        raise load_error(str(path), e) from None
     model = model.to(resolve_device(device))  # type: ignore[arg-type]  # transformers' stubs
     model.eval()
     for p in model.parameters():

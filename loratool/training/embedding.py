@@ -14,9 +14,8 @@ with every other row's positive and every row's hard negatives as negatives for 
 that are the same text as query i's positive, or another row's positive for the same query
 text, are masked: they are not negatives, only duplicates.
 
-One optimizer step contrasts ``batch_size × grad_accum`` pairs. With ``grad_accum > 1`` the step
-is computed in micro-batches of ``batch_size`` sentences with gradient caching, which equals one
-big batch at the memory cost of one micro-batch and one extra forward pass.
+A step contrasts ``batch_size × grad_accum`` pairs; with ``grad_accum > 1`` in micro-batches with
+gradient caching (one big batch at the memory of one micro-batch and one extra forward pass).
 
 The frozen encoder stays fp32; under bf16 (``--dtype auto`` on AMX/AVX512-BF16 CPUs and CUDA) the
 matmuls run under autocast. Under ``torchrun`` a step's ``batch_size × grad_accum × processes``
@@ -81,9 +80,8 @@ DEFAULT_TEMPERATURE = 0.05  # sentence-transformers' MultipleNegativesRankingLos
 # Defaults of `loratool train --task embedding` where they differ from the causal-LM trainer's:
 # BERT's attention and MLP projections (PEFT's usual choice for encoders), a batch big enough to
 # give 31 in-batch negatives, and the 256-token limit sentence-transformers trains MiniLM with.
-# lr and epochs: the best mean over 3 seeds in benchmarks/retrieval_sweep.py, a family-held-out
-# part of the bundled train split (fixtures/data/retrieval/README.md has the tables; the test
-# split unused). A second epoch won on every seed; a small pair set needs the passes.
+# lr and epochs: the best 3-seed mean of benchmarks/retrieval_sweep.py on a family-held-out part
+# of the train split (tables: fixtures/data/retrieval/README.md; the test split unused).
 EMBEDDING_DEFAULTS: dict[str, Any] = {
     "targets": "query,key,value,dense",
     "batch_size": 32,

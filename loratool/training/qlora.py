@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..errors import FormatError, UsageError
+from ..errors import FormatError
 from ..quant import QuantReport, load_quantized, quantize_model
 from . import runtime as R
 from .config import TrainConfig
@@ -49,12 +49,7 @@ def load(config: TrainConfig, dtype: torch.dtype) -> tuple[Any, Any, QuantReport
             except FormatError:  # no safetensors weights to stream: load it whole below
                 loaded = None
         except (OSError, ValueError, KeyError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UsageError(
-                f"cannot load model '{config.model}': {first}",
-                code="bad-model",
-                hint="a local Hugging Face model directory, or a Hub id (cached, or reachable)",
-            ) from None
+            raise R.load_error(config.model, e) from None
     if loaded is not None:
         model, report = loaded
         return model, tokenizer, report

@@ -110,12 +110,7 @@ def load_model(config: TrainConfig, dtype: torch.dtype) -> tuple[Any, Any]:
             config.model, dtype=dtype, attn_implementation="sdpa", **kwargs
         )
     except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UsageError(
-            f"cannot load model '{config.model}': {first}",
-            code="bad-model",
-            hint="a local Hugging Face model directory, or a Hub id (cached, or reachable)",
-        ) from None
+        raise load_error(config.model, e) from None
     model.config.use_cache = False
     return model, tokenizer
 
@@ -209,3 +204,13 @@ def library_versions() -> dict[str, str]:
         "torch": torch.__version__.split("+")[0],
         "transformers": transformers.__version__,
     }
+
+
+def load_error(model: str, e: BaseException) -> UsageError:
+    """The one-line error for a model transformers could not load (its first line says why)."""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return UsageError(
+        f"cannot load model '{model}': {first}",
+        code="bad-model",
+        hint="a local Hugging Face model directory, or a Hub id (cached, or reachable)",
+    )
