@@ -449,3 +449,18 @@ def _dense_copy_of_quantized(model: torch.nn.Module) -> None:
                 dense.bias.copy_(m.bias)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, dense)
+
+
+def test_remove_with_merge_refuses_a_quantized_base(tiny_llama_dir: Path) -> None:
+    """ΔW cannot be added to a weight that is dequantised afresh on every read: refused, loudly."""
+    from transformers import AutoModelForCausalLM
+
+    from loratool.errors import UsageError
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    quantize_model(model, "nf4")
+    lora.inject(model, targets="q_proj", rank=2)
+    with pytest.raises(UsageError) as e:
+        lora.remove(model, merge=True)
+    assert e.value.code == "quantized-merge"
+    assert lora.remove(model) > 0  # without merge the quantised layers simply come back

@@ -129,6 +129,17 @@ def remove(model: nn.Module, *, merge: bool = False) -> int:
         if isinstance(m, LoraLayer | BiasShift | TokenRows | TiedRows)
         or saved_original(m) is not None
     ]
+    if merge:
+        for name, m in found:
+            if getattr(getattr(m, "base", None), "quantized", False):
+                # Its weight is dequantised afresh on every read: adding ΔW to that copy would
+                # change nothing, silently. Merge into the full-precision checkpoint instead.
+                raise UsageError(
+                    f"'{name}' wraps a quantised base layer, which cannot take ΔW in place",
+                    code="quantized-merge",
+                    hint="save the adapter and `loratool merge` it into the original checkpoint "
+                    "(--onto-quantized for the quantised weights it trained against)",
+                )
     with torch.no_grad():
         for name, m in found:
             if saved_original(m) is not None:
