@@ -218,6 +218,9 @@ class Session:
                     path=str(out),
                 )
             )
+        # Every process leaves together: one tearing its process group down while rank 0 still
+        # writes could abort it at exit (gloo's threads, seen as SIGABRT on rank 1).
+        self.dist.barrier()
         return out
 
     # -- the loop --------------------------------------------------------------------------------
