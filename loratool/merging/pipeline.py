@@ -107,6 +107,7 @@ def _view(buf: torch.Tensor, dtype: str, shape: tuple[int, ...]) -> torch.Tensor
     return buf[:n].view(torch_dtype_of(dtype)).view(shape)
 
 
+@no_gc()
 def stream_files(
     base: Checkpoint,
     jobs: dict[str, Job],
@@ -125,23 +126,8 @@ def stream_files(
     at its planned offset, or copy untouched tensors file to file. Each worker runs single-threaded
     torch ops on its own tensor: parallel without fine-grained OpenMP synchronisation. Buffers
     come from fixed pools, which bounds memory at a few copies of the largest targeted weight.
+    The cyclic collector is paused throughout (``no_gc``).
     """
-    with no_gc():
-        return _stream_files(base, jobs, tmp, ctx, outcome, metadata_for, out_name, reserve=reserve)
-
-
-def _stream_files(
-    base: Checkpoint,
-    jobs: dict[str, Job],
-    tmp: Path,
-    ctx: Context,
-    outcome: Outcome,
-    metadata_for: Callable[[Path], dict[str, str]],
-    out_name: Callable[[Path], str],
-    *,
-    reserve: int = 0,
-) -> dict[str, int]:
-    """The body of ``stream_files``, with the collector paused."""
     import torch
 
     cuda = ctx.device == "cuda"
