@@ -251,26 +251,27 @@ class Checkpoint:
         self.read_into(name, memoryview(buf))
         return buf
 
-    def read_into(self, name: str, out: memoryview, *, offset: int = 0) -> None:
+    def read_into(
+        self, name: str, out: memoryview, *, offset: int = 0, fd: int | None = None
+    ) -> None:
         """Fill ``out`` with bytes ``offset .. offset + len(out)`` of tensor ``name`` (pread).
 
-        ``out`` may be any writable buffer, e.g. pinned memory a GPU copies from.
+        ``out`` may be any writable buffer, e.g. pinned memory a GPU copies from. ``fd``: the
+        tensor's shard already open (``shard_of``), for a caller reading it in many blocks.
         """
         e = self.entries[name]
         size = len(out)
         if offset < 0 or offset + size > e.info.end - e.info.begin:
             raise ValueError(f"bytes {offset}..{offset + size} are outside tensor '{name}'")
-        with open(e.shard, "rb", buffering=0) as f:
-            pos = 0
-            while pos < size:
-                got = os.preadv(f.fileno(), [out[pos:]], e.data_start + e.info.begin + offset + pos)
-                if got <= 0:
-                    raise FormatError(
-                        f"tensor '{name}' ends past the end of the file",
-                        code="truncated",
-                        where=str(e.shard),
-                    )
-                pos += got
+        if fd is None:
+            with open(e.shard, "rb", buffering=0) as f:
+                _pread(e, name, out, offset, f.fileno())
+        else:
+            _pread(e, name, out, offset, fd)
+
+    def shard_of(self, name: str) -> Path:
+        """The file that holds tensor ``name``."""
+        return self.entries[name].shard
 
     def read(self, name: str) -> torch.Tensor:
         """One tensor, in its stored dtype, in a private (not memory-mapped) buffer."""
@@ -288,3 +289,16 @@ class Checkpoint:
             return []
         skip = {*self.shards, self.path / self.index_name}
         return sorted(f for f in self.path.rglob("*") if f.is_file() and f not in skip)
+
+
+def _pread(e: Entry, name: str, out: memoryview, offset: int, fd: int) -> None:
+    pos, size = 0, len(out)
+    while pos < size:
+        got = os.preadv(fd, [out[pos:]], e.data_start + e.info.begin + offset + pos)
+        if got <= 0:
+            raise FormatError(
+                f"tensor '{name}' ends past the end of the file",
+                code="truncated",
+                where=str(e.shard),
+            )
+        pos += got

@@ -13,9 +13,10 @@ Numerics (``apply_delta``, one function for the CPU and CUDA):
 from __future__ import annotations
 
 import math
+import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import kinds
 from ..errors import CompatibilityError, FormatError
@@ -138,6 +139,9 @@ class DeltaBlocks:
         self.back = self._buf("back", w_dtype) if roundtrip else None
         self.w_dtype, self.collect = w_dtype, collect
         self.sums: list[list[torch.Tensor]] = [[], []]  # fp32 block dots, summed in fp64 at the end
+        # the fused C pass (kernel.c) where it is built and fits: one pass instead of ~13 calls
+        self.kernel = _kernel(device, w_dtype, out_dtype)
+        self.fused = [0.0, 0.0]  # its fp64 sums
         self.res = DeltaResult([0.0, 0.0, 0.0])
         self.idx_parts: list[torch.Tensor] = []
         self.val_parts: list[torch.Tensor] = []
@@ -166,6 +170,9 @@ class DeltaBlocks:
         torch.mm(self.left[i : i + k], self.right, out=prod[:k])
         if dd.data_ptr() != prod.data_ptr():
             dd.copy_(prod[:k])  # the one rounding of the product, fp64 → fp32
+        if self.kernel is not None:
+            self._fused(i, wb, dd, ob)
+            return
         rv = rr.view(-1)
         ww.copy_(wb)  # exact upcast (mixed-dtype arithmetic is slow on the CPU)
         if self.back is not None and ob.data_ptr() == wb.data_ptr() and wb.numel():
@@ -184,6 +191,34 @@ class DeltaBlocks:
         rr.sub_(dd)
         self.sums[1].append(torch.dot(rv, rv))
 
+    def _fused(self, i: int, wb: torch.Tensor, dd: torch.Tensor, ob: torch.Tensor) -> None:
+        """``add``'s elementwise part as one C pass (``kernel.c``): the same bits and misses."""
+        import torch
+
+        idx = val = tmp = None
+        if self.collect and self.back is not None:
+            idx = self._buf("idx", torch.int64).view(-1)
+            val = self._buf("val", self.w_dtype).view(-1)
+            tmp = self._buf("tmp", torch.int64).view(-1)  # twice a block of fp32 (or bf16)
+        s1, s2, off, ulp, got = self.kernel.merge_block(
+            raw_bytes(wb),
+            raw_bytes(dd),
+            raw_bytes(ob),
+            wb.element_size(),
+            self.back is not None,
+            None if idx is None else raw_bytes(idx),
+            None if val is None else raw_bytes(val),
+            i * self.cols,
+            None if tmp is None else raw_bytes(tmp),
+        )
+        self.fused[0] += s1
+        self.fused[1] += s2
+        self.res.off += off
+        self.res.max_ulp = max(self.res.max_ulp, ulp)
+        if got and idx is not None and val is not None:
+            self.idx_parts.append(idx[:got].clone())
+            self.val_parts.append(val[:got].clone())
+
     def result(self) -> DeltaResult:
         """The sums (in block order: call once every block is added) and the gathered misses."""
         import torch
@@ -191,7 +226,9 @@ class DeltaBlocks:
         # ‖L·R‖² = Σ (LᵀL) ∘ (RRᵀ): exact in fp64 from the r×r Gram matrices, no dense pass
         l64, r64 = self.left.double(), self.right.double()
         norms = [((l64.t() @ l64) * (r64 @ r64.t())).sum()]
-        if self.sums[0]:
+        if self.kernel is not None:
+            norms += [torch.tensor(x, dtype=torch.float64) for x in self.fused]
+        elif self.sums[0]:
             norms += [torch.stack(x).double().sum() for x in self.sums]
         else:
             norms += [torch.zeros((), dtype=torch.float64, device=self.device)] * 2
@@ -204,6 +241,33 @@ class DeltaBlocks:
 
 
 _local = threading.local()  # per thread: its CPU scratch buffers (_scratch)
+
+
+def _kernel(device: torch.device, w_dtype: torch.dtype, out_dtype: torch.dtype) -> Any:
+    """The compiled ``kernel`` module for a CPU block of bf16 or fp32 that keeps its dtype, or
+    None: not built (no C compiler at install), another dtype or device, or turned off with
+    ``LORATOOL_MERGE_KERNEL=0`` (the torch calls then run the same arithmetic; ``base`` or
+    ``v3`` name a narrower instruction set than the CPU's, for the tests)."""
+    import torch
+
+    if device.type != "cpu" or w_dtype != out_dtype:
+        return None
+    if w_dtype not in (torch.bfloat16, torch.float32):
+        return None
+    if os.environ.get("LORATOOL_MERGE_KERNEL", "1") == "0":
+        return None
+    try:
+        from . import kernel
+    except ImportError:
+        return None
+    return kernel
+
+
+def raw_bytes(t: torch.Tensor) -> Any:
+    """A contiguous CPU tensor's bytes as a buffer (numpy's view: no copy, any dtype)."""
+    import torch
+
+    return t.reshape(-1).view(torch.uint8).numpy()
 
 
 def _scratch(device: torch.device) -> dict[str, torch.Tensor]:

@@ -293,8 +293,10 @@ def _in_blocks(
 ) -> None:
     """``compute_in_blocks`` from ``base``'s file into ``w``'s, one page-cache writer at a time."""
 
+    fd = -1  # the base's shard, opened once per weight (not per block)
+
     def read(view: memoryview, offset: int) -> None:
-        base.read_into(job.read_key, view, offset=offset)
+        base.read_into(job.read_key, view, offset=offset, fd=fd)
 
     def write(offset: int, block: torch.Tensor) -> None:
         with _WRITE:
@@ -304,8 +306,11 @@ def _in_blocks(
         return base.read(job.read_key), w.read_back(job.key)
 
     try:
+        fd = os.open(base.shard_of(job.read_key), os.O_RDONLY)
         compute_in_blocks(job, read, write, reread, ctx, outcome)
     finally:
+        if fd >= 0:
+            os.close(fd)
         queued.release()
 
 
