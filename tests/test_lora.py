@@ -13,6 +13,7 @@ from torch import nn
 
 from loratool import UsageError, lora
 from loratool.format import load
+from loratool.lora.layer import dropout_mask, dropout_seed
 
 TARGET_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -331,8 +332,9 @@ def test_fused_dropout_equals_plain_autograd_with_the_same_mask(transposed: bool
     (y.square() * torch.arange(24)).sum().backward()
     fused = (y.detach(), x.grad.clone(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
 
-    torch.manual_seed(7)  # the fused function draws its mask first, the same way
-    mask = torch.empty(15, 32, dtype=torch.bool).bernoulli_(1 - p).view(3, 5, 32)
+    torch.manual_seed(7)  # the fused function draws its mask's seed first, the same way
+    drop = dropout_mask(torch.Size([15, 32]), p, torch.device("cpu"), dropout_seed())
+    mask = ~drop.view(3, 5, 32)
     x2 = x.detach().clone().requires_grad_(True)
     A = layer.lora_A.detach().clone().requires_grad_(True)
     B = layer.lora_B.detach().clone().requires_grad_(True)

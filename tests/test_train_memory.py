@@ -213,13 +213,18 @@ def test_the_loss_never_holds_tokens_by_vocab() -> None:
     torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-3)
 
 
-def test_dropout_mask_is_kept_as_bits_and_the_input_is_shared() -> None:
-    """q/k/v over one input with dropout: the input once, a bit per element per layer, h."""
-    from loratool.lora.layer import _pack_bits, _unpack_bits
+def test_dropout_keeps_no_mask_and_the_input_is_shared() -> None:
+    """q/k/v over one input with dropout: the input once, per layer h and the factors; the mask
+    is drawn again in backward from its seed, the same one (so the gradients are dropout's)."""
+    from loratool.lora.layer import dropout_mask
 
-    for n in (1, 7, 8, 9, 577):
-        m = torch.rand(3, n) < 0.5
-        assert torch.equal(_unpack_bits(_pack_bits(m), m.shape), m)
+    cpu = torch.device("cpu")
+    for n in (1, 7, 577, 100_000):
+        a = dropout_mask(torch.Size([3, n]), 0.25, cpu, seed=11)
+        assert torch.equal(a, dropout_mask(torch.Size([3, n]), 0.25, cpu, seed=11))
+    big = dropout_mask(torch.Size([1000, 1000]), 0.05, cpu, seed=3)
+    assert abs(big.float().mean().item() - 0.05) < 0.002  # ~0.0002 is one standard deviation
+    assert not torch.equal(big, dropout_mask(torch.Size([1000, 1000]), 0.05, cpu, seed=4))
     torch.manual_seed(0)
     t, d, r = 64, 96, 4
     layers = [
@@ -228,7 +233,6 @@ def test_dropout_mask_is_kept_as_bits_and_the_input_is_shared() -> None:
     ]
     x = torch.randn(t, d, requires_grad=True)
     kept = _saved_bytes(lambda: [layer(x) for layer in layers])
-    # x (4 bytes, fp32 here) once; per layer: the mask in bits, h = drop(x)·Aᵀ [t, r] and s·B
-    # (A itself is the parameter in fp32, not a copy).
-    per_layer = t * d // 8 + t * r * 4 + d * r * 4
+    # x (4 bytes, fp32 here) once; per layer: h = drop(x)·Aᵀ [t, r], s·B and A/(1-p) (r×in)
+    per_layer = t * r * 4 + d * r * 4 + d * r * 4
     assert kept == t * d * 4 + 3 * per_layer
