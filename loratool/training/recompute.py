@@ -18,6 +18,7 @@ original does; anything else (Gemma's ``1 + w`` norm, GELU MLPs) keeps its own f
 
 from __future__ import annotations
 
+import os
 import types
 from typing import Any
 
@@ -52,7 +53,9 @@ class RMSNorm(torch.autograd.Function):
 
 
 class SwiGLU(torch.autograd.Function):
-    """``silu(gate) * up``; saves gate and up, recomputes ``silu(gate)`` in backward, in fp32."""
+    """``silu(gate) * up``; saves gate and up, recomputes ``silu(gate)`` in backward, in fp32:
+    for bf16 on the CPU, σ by torch and the rest in one compiled pass (``kernel.c``), else in
+    torch: the same bits either way."""
 
     @staticmethod
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -62,6 +65,13 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Any:
         gate, up = ctx.saved_tensors
+        fused = fused_kernel(grad, gate, up)
+        if fused is not None and all(ctx.needs_input_grad[:2]):
+            sig = torch.sigmoid(gate.float())
+            grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
+            bufs = (grad, gate, up, sig, grad_gate, grad_up)
+            fused.swiglu_backward(*(raw_bytes(t) for t in bufs))
+            return grad_gate, grad_up
         wide = torch.promote_types(gate.dtype, torch.float32)  # fp32, or fp64 for fp64
         g = gate.to(wide)
         sig = torch.sigmoid(g)
@@ -73,6 +83,28 @@ class SwiGLU(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_up = (gf * (g * sig)).to(up.dtype)
         return grad_gate, grad_up
+
+
+def fused_kernel(*ts: torch.Tensor) -> Any:
+    """The compiled SwiGLU backward (``kernel.c``) for contiguous bf16 CPU tensors of one shape,
+    or None: not built, other tensors, or ``LORATOOL_TRAIN_KERNEL=0``."""
+    first = ts[0]
+    if first.device.type != "cpu" or first.dtype != torch.bfloat16:
+        return None
+    if any(t.dtype != first.dtype or t.shape != first.shape or not t.is_contiguous() for t in ts):
+        return None
+    if os.environ.get("LORATOOL_TRAIN_KERNEL", "1") == "0":
+        return None
+    try:
+        from . import kernel
+    except ImportError:
+        return None
+    return kernel
+
+
+def raw_bytes(t: torch.Tensor) -> Any:
+    """A contiguous CPU tensor's bytes as a buffer (numpy's view, no copy)."""
+    return t.reshape(-1).view(torch.uint8).numpy()
 
 
 def _norm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
