@@ -68,10 +68,9 @@ class SwiGLU(torch.autograd.Function):
         fused = fused_kernel(grad, gate, up)
         if fused is not None and all(ctx.needs_input_grad[:2]):
             sig = torch.sigmoid(gate.float())
-            grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
-            bufs = (grad, gate, up, sig, grad_gate, grad_up)
-            fused.swiglu_backward(*(raw_bytes(t) for t in bufs))
-            return grad_gate, grad_up
+            dg, du = torch.empty_like(gate), torch.empty_like(up)
+            fused.swiglu_backward(*(raw_bytes(t) for t in (grad, gate, up, sig, dg, du)))
+            return dg, du
         wide = torch.promote_types(gate.dtype, torch.float32)  # fp32, or fp64 for fp64
         g = gate.to(wide)
         sig = torch.sigmoid(g)
