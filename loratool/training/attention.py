@@ -143,8 +143,8 @@ class ShortAttention(torch.autograd.Function):
                 go = grad[i, start:end].transpose(0, 1).to(v.dtype)  # [H, n, D]
                 gve = p.to(v.dtype).transpose(1, 2) @ go
                 dp = (go @ ve.transpose(1, 2)).to(p.dtype)
-                # softmax backward: ds = p ⊙ (dp − Σ_j p·dp), in fp32 (or wider)
-                ds = (p * (dp - (p * dp).sum(-1, keepdim=True))).to(q.dtype)
+                # softmax backward: ds = p ⊙ (dp − Σ_j p·dp), in fp32 (or wider), in place on dp
+                ds = dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p).to(q.dtype)
                 gq[i, :, start:end] = (ds @ ke) * ctx.scale
                 gke = (ds.transpose(1, 2) @ q) * ctx.scale
                 gk[i, :, start:end] = _reduce(gke, hkv)
@@ -164,11 +164,28 @@ def _reduce(g: torch.Tensor, hkv: int) -> torch.Tensor:
 
 
 def _probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal softmax of ``q·kᵀ·scale`` in fp32 (fp64 for fp64 inputs), ``[H, n, n]``."""
+    """Causal softmax of ``q·kᵀ·scale`` in fp32 (fp64 for fp64 inputs), ``[H, n, n]``.
+
+    The scaling and the mask work in place on the upcast scores (the values are those of the
+    out-of-place expression; a document's scores are allocated once, not three times)."""
     n = q.shape[1]
-    s = (q @ k.transpose(1, 2)).to(torch.promote_types(q.dtype, torch.float32)) * scale
-    future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
-    return torch.softmax(s.masked_fill(future, float("-inf")), dim=-1)
+    s = (q @ k.transpose(1, 2)).to(torch.promote_types(q.dtype, torch.float32))  # a new tensor
+    s.mul_(scale).masked_fill_(_future(n, q.device), float("-inf"))
+    return torch.softmax(s, dim=-1)
+
+
+_FUTURE: dict[tuple[int, str], torch.Tensor] = {}  # (n, device) -> the strict upper triangle
+
+
+def _future(n: int, device: torch.device) -> torch.Tensor:
+    """``[n, n]`` True above the diagonal (positions a query must not see), made once per n."""
+    key = (n, str(device))
+    mask = _FUTURE.get(key)
+    if mask is None:
+        if len(_FUTURE) > 512:
+            _FUTURE.clear()
+        mask = _FUTURE[key] = torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+    return mask
 
 
 def _packed_mask(*args: Any, **kwargs: Any) -> Any:
