@@ -53,6 +53,7 @@ LAYERS: dict[str, int] = {
     "dtypes": 1,
     "kinds": 1,
     "naturalsort": 1,
+    "native": 1,
     "_io": 1,
     "leftovers": 1,
     "limits": 1,

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from loratool.merging import delta
+from loratool.stream import byte_view
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,7 +131,7 @@ def test_kernel_refuses_bad_buffers() -> None:
     kernel = _kernel_or_skip()
     w = torch.zeros(8, dtype=torch.bfloat16)
     d = torch.zeros(8)
-    raw = delta.raw_bytes
+    raw = byte_view
     with pytest.raises(ValueError, match="sizes"):
         kernel.merge_block(raw(w), raw(d[:4]), raw(w), 2, True)  # type: ignore[attr-defined]
     with pytest.raises(ValueError, match="itemsize"):

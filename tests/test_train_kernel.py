@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from loratool.stream import byte_view
 from loratool.training import recompute
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +90,7 @@ def test_swiglu_kernel_refuses_bad_buffers() -> None:
 
     a = torch.zeros(8, dtype=torch.bfloat16)
     s = torch.zeros(8)
-    raw = recompute.raw_bytes
+    raw = byte_view
     with pytest.raises(ValueError, match="one length"):
         kernel.swiglu_backward(raw(a), raw(a), raw(a), raw(s), raw(a[:4]), raw(a.clone()))
     with pytest.raises(ValueError, match="one length"):

@@ -13,13 +13,14 @@ Numerics (``apply_delta``, one function for the CPU and CUDA):
 from __future__ import annotations
 
 import math
-import os
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import kinds
 from ..errors import CompatibilityError, FormatError
+from ..native import compiled
+from ..stream import byte_view
 from .plan import Job
 from .report import TargetReport
 
@@ -170,7 +171,7 @@ class DeltaBlocks:
         torch.mm(self.left[i : i + k], self.right, out=prod[:k])
         if dd.data_ptr() != prod.data_ptr():
             dd.copy_(prod[:k])  # the one rounding of the product, fp64 → fp32
-        if self.kernel is not None:
+        if self.kernel is not None and wb.numel():
             self._fused(i, wb, dd, ob)
             return
         rv = rr.view(-1)
@@ -201,15 +202,15 @@ class DeltaBlocks:
             val = self._buf("val", self.w_dtype).view(-1)
             tmp = self._buf("tmp", torch.int64).view(-1)  # twice a block of fp32 (or bf16)
         s1, s2, off, ulp, got = self.kernel.merge_block(
-            raw_bytes(wb),
-            raw_bytes(dd),
-            raw_bytes(ob),
+            byte_view(wb),
+            byte_view(dd),
+            byte_view(ob),
             wb.element_size(),
             self.back is not None,
-            None if idx is None else raw_bytes(idx),
-            None if val is None else raw_bytes(val),
+            None if idx is None else byte_view(idx),
+            None if val is None else byte_view(val),
             i * self.cols,
-            None if tmp is None else raw_bytes(tmp),
+            None if tmp is None else byte_view(tmp),
         )
         self.fused[0] += s1
         self.fused[1] += s2
@@ -254,20 +255,7 @@ def _kernel(device: torch.device, w_dtype: torch.dtype, out_dtype: torch.dtype) 
         return None
     if w_dtype not in (torch.bfloat16, torch.float32):
         return None
-    if os.environ.get("LORATOOL_MERGE_KERNEL", "1") == "0":
-        return None
-    try:
-        from . import kernel
-    except ImportError:
-        return None
-    return kernel
-
-
-def raw_bytes(t: torch.Tensor) -> Any:
-    """A contiguous CPU tensor's bytes as a buffer (numpy's view: no copy, any dtype)."""
-    import torch
-
-    return t.reshape(-1).view(torch.uint8).numpy()
+    return compiled("loratool.merging.kernel", "LORATOOL_MERGE_KERNEL")
 
 
 def _scratch(device: torch.device) -> dict[str, torch.Tensor]:

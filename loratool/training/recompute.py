@@ -18,13 +18,15 @@ original does; anything else (Gemma's ``1 + w`` norm, GELU MLPs) keeps its own f
 
 from __future__ import annotations
 
-import os
 import types
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..native import compiled
+from ..stream import byte_view
 
 
 class RMSNorm(torch.autograd.Function):
@@ -69,7 +71,7 @@ class SwiGLU(torch.autograd.Function):
         if fused is not None and all(ctx.needs_input_grad[:2]):
             sig = torch.sigmoid(gate.float())
             dg, du = torch.empty_like(gate), torch.empty_like(up)
-            fused.swiglu_backward(*(raw_bytes(t) for t in (grad, gate, up, sig, dg, du)))
+            fused.swiglu_backward(*(byte_view(t) for t in (grad, gate, up, sig, dg, du)))
             return dg, du
         wide = torch.promote_types(gate.dtype, torch.float32)  # fp32, or fp64 for fp64
         g = gate.to(wide)
@@ -88,22 +90,11 @@ def fused_kernel(*ts: torch.Tensor) -> Any:
     """The compiled SwiGLU backward (``kernel.c``) for contiguous bf16 CPU tensors of one shape,
     or None: not built, other tensors, or ``LORATOOL_TRAIN_KERNEL=0``."""
     first = ts[0]
-    if first.device.type != "cpu" or first.dtype != torch.bfloat16:
+    if first.device.type != "cpu" or first.dtype != torch.bfloat16 or not first.numel():
         return None
     if any(t.dtype != first.dtype or t.shape != first.shape or not t.is_contiguous() for t in ts):
         return None
-    if os.environ.get("LORATOOL_TRAIN_KERNEL", "1") == "0":
-        return None
-    try:
-        from . import kernel
-    except ImportError:
-        return None
-    return kernel
-
-
-def raw_bytes(t: torch.Tensor) -> Any:
-    """A contiguous CPU tensor's bytes as a buffer (numpy's view, no copy)."""
-    return t.reshape(-1).view(torch.uint8).numpy()
+    return compiled("loratool.training.kernel", "LORATOOL_TRAIN_KERNEL")
 
 
 def _norm_forward(self: Any, hidden_states: torch.Tensor) -> torch.Tensor:
