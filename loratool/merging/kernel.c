@@ -27,9 +27,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 11
-#define X86_TARGETS /* "arch=x86-64-v3/v4" targets: GCC 11 and later */
-#endif
+#include "../isa.h"
+
 
 typedef struct {
     double s1, s2;
@@ -212,20 +211,11 @@ static const char *ISA;
 /* The widest set the CPU has, or a narrower one named by LORATOOL_MERGE_KERNEL (the tests run
    every set this machine can). */
 static void pick(void) {
-    const char *want = getenv("LORATOOL_MERGE_KERNEL");
+    int level = isa_level(getenv("LORATOOL_MERGE_KERNEL"));
     P = &passes_base, ISA = "base";
-    if (want && strcmp(want, "base") == 0) return;
 #ifdef X86_TARGETS
-    __builtin_cpu_init();
-    int v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-             __builtin_cpu_supports("bmi2");
-    int v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    if (v4 && !(want && strcmp(want, "v3") == 0)) {
-        P = &passes_v4, ISA = "v4";
-    } else if (v3) {
-        P = &passes_v3, ISA = "v3";
-    }
+    if (level == 4) P = &passes_v4, ISA = "v4";
+    if (level == 3) P = &passes_v3, ISA = "v3";
 #endif
 }
 

@@ -21,9 +21,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 11
-#define X86_TARGETS
-#endif
+#include "../isa.h"
+
 
 static inline float bf16_up(uint32_t h) {
     uint32_t u = h << 16;
@@ -66,20 +65,11 @@ static Pass P;
 static const char *ISA;
 
 static void pick(void) {
-    const char *want = getenv("LORATOOL_TRAIN_KERNEL");
+    int level = isa_level(getenv("LORATOOL_TRAIN_KERNEL"));
     P = swiglu_base, ISA = "base";
-    if (want && strcmp(want, "base") == 0) return;
 #ifdef X86_TARGETS
-    __builtin_cpu_init();
-    int v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-             __builtin_cpu_supports("bmi2");
-    int v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    if (v4 && !(want && strcmp(want, "v3") == 0)) {
-        P = swiglu_v4, ISA = "v4";
-    } else if (v3) {
-        P = swiglu_v3, ISA = "v3";
-    }
+    if (level == 4) P = swiglu_v4, ISA = "v4";
+    if (level == 3) P = swiglu_v3, ISA = "v3";
 #endif
 }
 
