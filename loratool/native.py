@@ -1,4 +1,4 @@
-"""The optional compiled passes (``loratool/*/kernel.c``): found when built, else None.
+"""The optional compiled passes (``loratool/*/kernel.c``, sharing ``native.h``), when built.
 
 setuptools builds them where a C compiler is present (``pyproject.toml``); each caller keeps a
 torch path with the same arithmetic for when one is missing, turned off by its environment

@@ -27,29 +27,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../isa.h"
-
+#include "../native.h"
 
 typedef struct {
     double s1, s2;
     int64_t off, max_ulp;
 } Sums;
-
-static inline float bf16_up(uint32_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* c10::BFloat16's round_to_nearest_even (NaN becomes the quiet NaN 0x7FC0), in 32-bit lanes
-   (16-bit ones vectorize worse). */
-static inline uint32_t bf16_down(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    return (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded;
-}
 
 static inline int32_t ulp16(uint32_t a, uint32_t b) {
     int32_t x = (int16_t)a, y = (int16_t)b;

@@ -21,22 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "../isa.h"
-
-
-static inline float bf16_up(uint32_t h) {
-    uint32_t u = h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint32_t bf16_down(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    return (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded;
-}
+#include "../native.h"
 
 #define SWIGLU_LOOP                                                                             \
     _Pragma("omp simd") for (Py_ssize_t i = 0; i < n; i++) {                                    \

@@ -1,7 +1,9 @@
-/* The x86-64 level the compiled passes (merging/kernel.c, training/kernel.c) run at. */
-#ifndef LORATOOL_ISA_H
-#define LORATOOL_ISA_H
+/* What the compiled passes (merging/kernel.c, training/kernel.c) share: the x86-64 level they
+   run at, and bf16 <-> fp32 as torch converts (the C side of loratool/native.py). */
+#ifndef LORATOOL_NATIVE_H
+#define LORATOOL_NATIVE_H
 
+#include <stdint.h>
 #include <string.h>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 11
@@ -22,6 +24,23 @@ static int isa_level(const char *want) {
     if (v3) return 3;
 #endif
     return 0;
+}
+
+/* bf16 bits (in a 32-bit lane) to fp32: exact. */
+static inline float bf16_up(uint32_t h) {
+    uint32_t u = h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* c10::BFloat16's round_to_nearest_even (NaN becomes the quiet NaN 0x7FC0), in 32-bit lanes
+   (16-bit ones vectorize worse). */
+static inline uint32_t bf16_down(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return (u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded;
 }
 
 #endif
