@@ -104,19 +104,24 @@ def _assert_same(two: Path, one: Path) -> None:
         torch.testing.assert_close(t.lora_B, b.targets[name].lora_B, rtol=1e-3, atol=1e-5)
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(
-    bert_no_dropout: Path, tmp_path: Path
-) -> None:
-    data = _write_pairs(tmp_path / "d.jsonl")
-    one = E.train_embedding(
+def _one_process(model: Path, data: Path, tmp_path: Path) -> Any:
+    """The reference: one process, the whole 8-pair batch, into ``one.safetensors``."""
+    return E.train_embedding(
         E.embedding_config(
-            model=str(bert_no_dropout),
+            model=str(model),
             data=str(data),
             output=str(tmp_path / "one.safetensors"),
             batch_size=8,
             **SETTINGS,
         )
     )
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(
+    bert_no_dropout: Path, tmp_path: Path
+) -> None:
+    data = _write_pairs(tmp_path / "d.jsonl")
+    one = _one_process(bert_no_dropout, data, tmp_path)
     two, losses = _torchrun(tmp_path, bert_no_dropout, data, "--batch-size", "4")
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(one.losses), rtol=1e-5, atol=1e-5)
     _assert_same(two, tmp_path / "one.safetensors")
@@ -128,15 +133,7 @@ def test_two_processes_with_grad_accum_equal_one_big_batch(
 ) -> None:
     """GradCache inside each process, the gather across them: still the 8-pair step."""
     data = _write_pairs(tmp_path / "d.jsonl")
-    one = E.train_embedding(
-        E.embedding_config(
-            model=str(bert_no_dropout),
-            data=str(data),
-            output=str(tmp_path / "one.safetensors"),
-            batch_size=8,
-            **SETTINGS,
-        )
-    )
+    one = _one_process(bert_no_dropout, data, tmp_path)
     two, losses = _torchrun(
         tmp_path, bert_no_dropout, data, "--batch-size", "2", "--grad-accum", "2"
     )
