@@ -57,6 +57,7 @@ from .events import OnEvent, StepStats, TrainEvent, TrainResult, write_line
 from .runtime import (
     autocast,
     dtype_name,
+    end_processes,
     init_dist,
     library_versions,
     resolve_device,
@@ -390,11 +391,9 @@ def train_embedding(
     if not (temperature > 0 and math.isfinite(temperature)):
         raise UsageError(f"--temperature must be positive, got {temperature}", code="bad-value")
     trainer = _EmbeddingTrainer(config, temperature, on_event, should_stop)
+    result = None
     try:
-        return trainer.run()
+        result = trainer.run()
+        return result
     finally:
-        if trainer.dist.world > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        end_processes(trainer.dist, trainer, result)

@@ -44,7 +44,8 @@ class TrainResult:
     checkpoint: Path | None = None
     adapter: Adapter | None = None
     losses: list[float] = field(default_factory=list)
-    model: Any = None  # the trained model, LoRA layers in place (e.g. to generate right away)
+    model: Any = None  # the trained model, LoRA layers in place (e.g. to generate right away);
+    # None after a multi-process run, whose sharded model holds the process group (end_processes)
 
 
 OnEvent = Callable[[TrainEvent], None]

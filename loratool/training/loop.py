@@ -331,11 +331,9 @@ def train(
     config.validate()
     config = dataclasses.replace(config)  # the run may adjust it (packing); the caller's stays
     trainer = _Trainer(config, on_event, should_stop)
+    result = None
     try:
-        return trainer.run()
+        result = trainer.run()
+        return result
     finally:
-        if trainer.dist.world > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        R.end_processes(trainer.dist, trainer, result)

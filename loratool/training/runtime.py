@@ -59,6 +59,29 @@ def init_dist(device_spec: str) -> Dist:
     return Dist(rank, world, local)
 
 
+def end_processes(dist: Dist, *holders: Any) -> None:
+    """Tear a multi-process run's process group down while Python is still whole.
+
+    FSDP's modules keep the group alive past ``destroy_process_group``; one that lives until
+    interpreter exit is destroyed there, where gloo's worker threads can abort the process
+    ("terminate called without an active exception", SIGABRT on a rank after "done"). So the
+    ``holders`` (the trainer, its result) let go of the model first: a multi-process run's
+    ``TrainResult.model`` is None. A single process keeps everything.
+    """
+    if dist.world <= 1:
+        return
+    import gc
+
+    import torch.distributed as tdist
+
+    for holder in holders:
+        if holder is not None:
+            holder.model = None
+    gc.collect()
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
 def resolve_device(spec: str, dist: Dist) -> torch.device:
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
