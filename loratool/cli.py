@@ -7,8 +7,12 @@ click's usage errors) print one line and a hint on stderr and exit with a docume
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib
 import importlib.util
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,5 +106,28 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
-    cli.main(args=argv, prog_name="loratool")
+    """Console-script entry point; the process ends with it."""
+    # numpy's OpenBLAS starts a thread per core that spins a while on import; loratool does no
+    # numpy linear algebra (torch has its own BLAS), so one thread saves 0.1 s of CPU a command.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    with _one_shot_collector():
+        cli.main(args=argv, prog_name="loratool")
+
+
+@contextlib.contextmanager
+def _one_shot_collector() -> Iterator[None]:
+    """The cyclic garbage collector tuned for a process that runs one command and ends.
+
+    Importing torch makes about a million objects and none is garbage, yet at the default
+    threshold (700 allocations) the collector walks them hundreds of times: 0.15 s of CPU per
+    command. A first-generation threshold of 50,000 still collects cycles throughout a long
+    training run or server. At exit the interpreter walks every object once more (0.3 s with
+    torch loaded); freezing them first skips that walk, and the OS takes the memory back.
+    """
+    threshold = gc.get_threshold()
+    gc.set_threshold(50_000, *threshold[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.freeze()

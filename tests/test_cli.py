@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -181,3 +182,28 @@ def test_inspect_table_is_in_natural_order_and_cut_unless_all(tmp_path: Path) ->
     assert listed(r.stdout) == list(range(31)) and "more targets" not in r.stdout
     doc = json.loads(run("inspect", str(path), "--json").stdout)
     assert len(doc["targets"]) == 31  # --json always has every target
+
+
+@pytest.mark.parametrize("preset", [None, "2"])
+def test_main_tunes_the_collector_and_openblas_for_one_command(preset: str | None) -> None:
+    """main(): one OpenBLAS thread unless the user set one; a larger collector threshold while
+    the command runs, restored after; everything frozen before the interpreter's exit walk."""
+    probe = (
+        "import atexit, gc, os\n"
+        "from loratool import cli\n"
+        "before = gc.get_threshold()\n"
+        "seen = []\n"
+        "cli.cli.callback = lambda: seen.append(gc.get_threshold()[0])\n"
+        "def report():\n"
+        "    print(os.environ['OPENBLAS_NUM_THREADS'], seen[0], gc.get_threshold() == before,\n"
+        "          gc.get_freeze_count() > 1000)\n"
+        "atexit.register(report)\n"
+        "cli.main(['inspect', '--help'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    if preset is not None:
+        env["OPENBLAS_NUM_THREADS"] = preset
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True
+    ).stdout.splitlines()
+    assert out[-1].split() == [preset or "1", "50000", "True", "True"]
