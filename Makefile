@@ -9,7 +9,7 @@ BENCHES ?= startup convert lowrank merge train train_qlora retrieval serve resiz
 
 .PHONY: setup fixtures lint test test-fast demo bench clean
 
-$(STAMP): pyproject.toml setup.py constraints.txt loratool/native.h loratool/merging/kernel.c loratool/training/kernel.c
+$(STAMP): pyproject.toml setup.py constraints.txt loratool/native.h loratool/merging/kernel.c loratool/training/kernel.c loratool/lora/kernel.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade -c constraints.txt pip setuptools 2>&1 | grep -v "is ignored" || true
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev,plot]' 2>&1 | grep -v "is ignored" || true

@@ -22,5 +22,6 @@ setup(
     ext_modules=[
         _pass("loratool.merging.kernel"),  # the merge's per-block pass
         _pass("loratool.training.kernel"),  # SwiGLU's backward
+        _pass("loratool.lora.kernel"),  # dropout's mask and zeros
     ]
 )
