@@ -142,9 +142,11 @@ class ShortAttention(torch.autograd.Function):
                 p = _probs(q, ke, ctx.scale)  # [H, n, n], fp32
                 go = grad[i, start:end].transpose(0, 1).to(v.dtype)  # [H, n, D]
                 gve = p.to(v.dtype).transpose(1, 2) @ go
-                dp = (go @ ve.transpose(1, 2)).to(p.dtype)
-                # softmax backward: ds = p ⊙ (dp − Σ_j p·dp), in fp32 (or wider), in place on dp
-                ds = dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p).to(q.dtype)
+                dp = go @ ve.transpose(1, 2)  # in v's dtype; each op below upcasts it exactly
+                # softmax backward: ds = p ⊙ (dp − Σ_j p·dp) in fp32 (or wider), rounded once
+                # into q's dtype by the multiply itself
+                dev = dp.sub((p * dp).sum(-1, keepdim=True))
+                ds = torch.mul(dev, p, out=torch.empty_like(dp, dtype=q.dtype))
                 gq[i, :, start:end] = (ds @ ke) * ctx.scale
                 gke = (ds.transpose(1, 2) @ q) * ctx.scale
                 gk[i, :, start:end] = _reduce(gke, hkv)
@@ -166,26 +168,29 @@ def _reduce(g: torch.Tensor, hkv: int) -> torch.Tensor:
 def _probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal softmax of ``q·kᵀ·scale`` in fp32 (fp64 for fp64 inputs), ``[H, n, n]``.
 
-    The scaling and the mask work in place on the upcast scores (the values are those of the
-    out-of-place expression; a document's scores are allocated once, not three times)."""
+    The upcast, the scale and the mask are one add onto the product, ``bias + scale·qkᵀ`` with
+    the bias −∞ above the diagonal and 0 elsewhere: the values of upcasting, scaling and
+    masking in three passes, in one."""
     n = q.shape[1]
-    s = (q @ k.transpose(1, 2)).to(torch.promote_types(q.dtype, torch.float32))  # a new tensor
-    s.mul_(scale).masked_fill_(_future(n, q.device), float("-inf"))
-    return torch.softmax(s, dim=-1)
+    bias = _future(n, torch.promote_types(q.dtype, torch.float32), q.device)
+    return torch.softmax(torch.add(bias, q @ k.transpose(1, 2), alpha=scale), dim=-1)
 
 
-_FUTURE: dict[tuple[int, str], torch.Tensor] = {}  # (n, device) -> the strict upper triangle
+_FUTURE: dict[tuple[int, torch.dtype, str], torch.Tensor] = {}
 
 
-def _future(n: int, device: torch.device) -> torch.Tensor:
-    """``[n, n]`` True above the diagonal (positions a query must not see), made once per n."""
-    key = (n, str(device))
-    mask = _FUTURE.get(key)
-    if mask is None:
+def _future(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[n, n]``: −∞ above the diagonal (positions a query must not see), else 0; made once
+    per n."""
+    key = (n, dtype, str(device))
+    bias = _FUTURE.get(key)
+    if bias is None:
         if len(_FUTURE) > 512:
             _FUTURE.clear()
-        mask = _FUTURE[key] = torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
-    return mask
+        future = torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+        bias = torch.zeros(n, n, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
+        _FUTURE[key] = bias
+    return bias
 
 
 def _packed_mask(*args: Any, **kwargs: Any) -> Any:
