@@ -205,6 +205,7 @@ PHASES = (  # (module, attribute, phase): each call's thread CPU time is added t
     ("loratool.merging.delta", "_misses", "  of which round-trip compare"),
     ("loratool.checkpoint:Checkpoint", "read_into", "read targeted weights (pread)"),
     ("loratool.merging.delta:DeltaBlocks", "add", "W + L·R, round, fidelity sums (blocks)"),
+    ("loratool.merging.delta:DeltaBlocks", "add_bytes", "W + L·R, round, fidelity sums (blocks)"),
     ("loratool.stream:SafetensorsWriter", "write", "write merged weights (pwrite)"),
     ("loratool.stream:SafetensorsWriter", "write_part", "write merged blocks (pwrite)"),
     ("loratool.stream:SafetensorsWriter", "copy_from", "copy untouched (copy_file_range)"),

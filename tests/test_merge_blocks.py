@@ -76,6 +76,45 @@ def test_blocks_give_the_whole_tensor_merge(
             assert sb.hashes == sw.hashes
 
 
+def test_blocks_on_raw_bytes_are_the_tensor_blocks(
+    tiny_sharded_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fused pass on byte slices (``add_bytes``: a plain merge that keeps the dtype) writes
+    and reports what the per-block tensor path (``add``) does."""
+    if delta._kernel(torch.device("cpu"), torch.bfloat16, torch.bfloat16) is None:
+        pytest.skip("the C pass was not built")
+    monkeypatch.setattr(delta, "_BLOCK", 300)
+    a = save(make_adapter(tiny_sharded_llama_dir), tmp_path / "a.safetensors")
+    calls: list[int] = []
+    real = delta.DeltaBlocks.add_bytes
+
+    def counted(self: Any, *args: Any) -> None:
+        calls.append(1)
+        real(self, *args)
+
+    monkeypatch.setattr(delta.DeltaBlocks, "add_bytes", counted)
+    raw = loratool.merge(tiny_sharded_llama_dir, [a], tmp_path / "raw")
+    assert len(calls) > len(raw.targets)  # every weight, in many blocks
+    init = delta.DeltaBlocks.__init__
+
+    def tensor_views(self: Any, *args: Any, **kw: Any) -> None:
+        init(self, *args, **kw)
+        self.raw = False  # the loop over tensor views
+
+    monkeypatch.setattr(delta.DeltaBlocks, "__init__", tensor_views)
+    calls.clear()
+    views = loratool.merge(tiny_sharded_llama_dir, [a], tmp_path / "views")
+    assert not calls and weights(tmp_path / "raw") == weights(tmp_path / "views")
+    for r, v in zip(raw.targets, views.targets, strict=True):
+        assert (r.key, r.delta_norm, r.applied_norm, r.error_norm) == (
+            v.key,
+            v.delta_norm,
+            v.applied_norm,
+            v.error_norm,
+        )
+        assert (r.roundtrip_off, r.roundtrip_max_ulp) == (v.roundtrip_off, v.roundtrip_max_ulp)
+
+
 def test_block_merge_unmerges_back(
     tiny_sharded_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,7 +7,7 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import FormatError
 from ..stream import byte_view
@@ -116,7 +116,7 @@ def record(
 def compute_in_blocks(
     job: Job,
     read: Callable[[memoryview, int], None],
-    write: Callable[[int, torch.Tensor], None],
+    write: Callable[[int, torch.Tensor | memoryview], None],
     reread: Callable[[], tuple[torch.Tensor, bytes]],
     ctx: Context,
     outcome: Outcome,
@@ -147,6 +147,19 @@ def compute_in_blocks(
     wbuf = _block_buffer("in", blocks.step * cols, in_dt)
     obuf = wbuf if in_dt == out_dt else _block_buffer("out", blocks.step * cols, out_dt)
     digest = hashlib.sha256() if ctx.hash_in else None
+    if blocks.raw and wbuf is obuf:  # the fused pass, in place, on byte slices
+        raw = byte_view(wbuf)  # sliced per block: no tensor views
+        size = in_dt.itemsize
+        for i in range(0, rows, blocks.step):
+            k = min(blocks.step, rows - i)
+            view = raw[: k * cols * size]
+            read(view, i * cols * size)
+            if digest is not None:
+                digest.update(view)
+            blocks.add_bytes(i, k, view, view)
+            write(i * cols * size, view)
+        _finish_blocks(job, blocks.result(), digest, reread, out_dt, ctx, outcome)
+        return
     for i in range(0, rows, blocks.step):
         k = min(blocks.step, rows - i)
         wb, ob = wbuf[: k * cols].view(k, cols), obuf[: k * cols].view(k, cols)
@@ -155,7 +168,21 @@ def compute_in_blocks(
             digest.update(byte_view(wb))
         blocks.add(i, wb, ob)  # in place when the dtype stays
         write(i * cols * out_dt.itemsize, ob)
-    res = blocks.result()
+    _finish_blocks(job, blocks.result(), digest, reread, out_dt, ctx, outcome)
+
+
+def _finish_blocks(
+    job: Job,
+    res: DeltaResult,
+    digest: Any,
+    reread: Callable[[], tuple[torch.Tensor, bytes]],
+    out_dt: torch.dtype,
+    ctx: Context,
+    outcome: Outcome,
+) -> None:
+    """A blockwise job's end: its input digest, the non-finite check, its report."""
+    import torch
+
     if digest is not None:
         outcome.hashes[job.key] = digest.hexdigest()
     if not all(math.isfinite(x) for x in res.sums):

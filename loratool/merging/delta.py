@@ -142,6 +142,9 @@ class DeltaBlocks:
         self.sums: list[list[torch.Tensor]] = [[], []]  # fp32 block dots, summed in fp64 at the end
         # the fused C pass (kernel.c) where it is built and fits: one pass instead of ~13 calls
         self.kernel = _kernel(device, w_dtype, out_dtype)
+        # add_bytes can run: the fused pass on an fp32 product, nothing to gather
+        self.raw = self.kernel is not None and not collect and self.d is self.prod
+        self._prod_bytes = byte_view(self.prod) if self.raw else memoryview(b"")
         self.fused = [0.0, 0.0]  # its fp64 sums
         self.res = DeltaResult([0.0, 0.0, 0.0])
         self.idx_parts: list[torch.Tensor] = []
@@ -191,6 +194,28 @@ class DeltaBlocks:
         self.sums[0].append(torch.dot(rv, rv))
         rr.sub_(dd)
         self.sums[1].append(torch.dot(rv, rv))
+
+    def add_bytes(self, i: int, k: int, wb: memoryview, ob: memoryview) -> None:
+        """``add`` for the fused pass over raw bytes (``kernel`` set, no gathering): the block's
+        ``k`` rows in ``wb`` and out to ``ob`` (may be ``wb``), without a tensor view per block.
+        The same calls as ``add``; the streaming loop's ~6,500 blocks a 0.85B merge spent a
+        fifth of their Python time making views and byte views."""
+        import torch
+
+        assert self.raw and self.kernel is not None
+        n = k * self.cols
+        if n == 0:
+            return
+        torch.mm(
+            self.left[i : i + k], self.right, out=self.prod if k == self.step else self.prod[:k]
+        )
+        s1, s2, off, ulp, _ = self.kernel.merge_block(
+            wb, self._prod_bytes[: 4 * n], ob, len(wb) // n, self.back is not None
+        )
+        self.fused[0] += s1
+        self.fused[1] += s2
+        self.res.off += off
+        self.res.max_ulp = max(self.res.max_ulp, ulp)
 
     def _fused(self, i: int, wb: torch.Tensor, dd: torch.Tensor, ob: torch.Tensor) -> None:
         """``add``'s elementwise part as one C pass (``kernel.c``): the same bits and misses."""

@@ -298,7 +298,7 @@ def _in_blocks(
     def read(view: memoryview, offset: int) -> None:
         base.read_into(job.read_key, view, offset=offset, fd=fd)
 
-    def write(offset: int, block: torch.Tensor) -> None:
+    def write(offset: int, block: torch.Tensor | memoryview) -> None:
         with _WRITE:
             w.write_part(job.key, offset, block)
 
