@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from loratool import lora
 from loratool.training import attention as A
 from loratool.training import recompute as R
-from loratool.training.loss import HeadLoss, chunk_rows
+from loratool.training.loss import HeadLoss, block_rows
 
 
 def _model(path: Path, dtype: torch.dtype = torch.float64) -> Any:
@@ -208,7 +208,7 @@ def test_the_loss_never_holds_tokens_by_vocab() -> None:
     with largest:
         loss = HeadLoss(head, object(), torch.float32)(h, targets)
         loss.backward()
-    assert largest.numel <= chunk_rows(vocab) * vocab < n * vocab
+    assert largest.numel <= block_rows(vocab) * vocab < n * vocab
     want = F.cross_entropy(h.detach() @ head.weight.t(), targets, reduction="sum")
     torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-3)
 
