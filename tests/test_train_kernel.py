@@ -1,8 +1,11 @@
-"""SwiGLU's fused backward (loratool/training/kernel.c) against the torch path it replaces.
+"""The fused training passes (loratool/training/kernel.c) against the torch paths they replace.
 
-Per instruction set this CPU has (``LORATOOL_TRAIN_KERNEL=base|v3|v4``, one process each), both
-gradients are the torch version's bit for bit (σ comes from torch; the rest is the same fp32
-operations in the same order), on data with zeros, huge and tiny gates.
+Per instruction set this CPU has (``LORATOOL_TRAIN_KERNEL=base|v3|v4``, one process each):
+SwiGLU's two gradients are the torch version's bit for bit (σ comes from torch; the rest is the
+same fp32 operations in the same order), on data with zeros, huge and tiny gates. The attention
+softmax is not bitwise torch's (its own e^x), so it is held to the torch path's accuracy: the
+same bf16 probabilities but for a few 1-ulp roundings, and ShortAttention's output and
+gradients as close to an fp64 reference as the torch path's.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from loratool.stream import byte_view
-from loratool.training import recompute
+from loratool.training import attention, recompute
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +50,49 @@ def check_all(isa: str) -> None:
         for w, x in zip(want, got, strict=True):
             assert x.dtype == torch.bfloat16 and x.shape == w.shape
             assert torch.equal(x.view(torch.int16), w.view(torch.int16)), (isa, shape)
+    check_attention(isa)
+
+
+def _attention(xs: tuple[torch.Tensor, ...], spans: Any, grad: torch.Tensor, switch: str) -> list:
+    os.environ["LORATOOL_TRAIN_KERNEL"] = switch
+    q, k, v = (x.detach().clone().requires_grad_() for x in xs)
+    out = attention.ShortAttention.apply(q, k, v, spans, 0.125)
+    out.backward(grad.to(out.dtype))
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def check_attention(isa: str) -> None:
+    from loratool.training import kernel
+
+    torch.manual_seed(0)
+    for n in (1, 2, 7, 129, 300):  # the softmax rows and their gradients, against torch's in fp32
+        s = (torch.randn(6, n, n) * 20).to(torch.bfloat16)
+        dp = torch.randn(6, n, n).to(torch.bfloat16)
+        future = torch.ones(n, n, dtype=torch.bool).triu(1)
+        pf = torch.softmax((s.float() * 0.125).masked_fill(future, float("-inf")), -1)
+        want_ds = (pf * (dp.float() - (pf * dp.float()).sum(-1, keepdim=True))).bfloat16()
+        p, p2, ds = (torch.empty_like(s) for _ in range(3))
+        kernel.attention_probs(byte_view(s), byte_view(p), n, 0.125)
+        kernel.attention_grads(byte_view(s), byte_view(dp), byte_view(p2), byte_view(ds), n, 0.125)
+        ulps = (p.view(torch.int16).int() - pf.bfloat16().view(torch.int16).int()).abs()
+        assert (
+            torch.equal(p, p2) and int(ulps.max()) <= 1 and float((ulps > 0).float().mean()) < 1e-3
+        )
+        assert not p[:, future].any() and not ds[:, future].any()  # zero above the diagonal
+        torch.testing.assert_close(ds.float(), want_ds.float(), atol=1e-5, rtol=1e-2)
+        c = s.clone()  # in place: the same
+        kernel.attention_probs(byte_view(c), byte_view(c), n, 0.125)
+        assert torch.equal(c, p)
+    t = 300  # ShortAttention through the pass and through torch, grouped heads, ragged documents
+    spans = (((0, 1), (1, 130), (130, 300)), ((0, 77),))
+    xs = tuple((torch.randn(2, t, h, 16) * 2).to(torch.bfloat16).transpose(1, 2) for h in (6, 2, 2))
+    grad = torch.randn(2, t, 6, 16)
+    ref = _attention(tuple(x.double() for x in xs), spans, grad, "0")
+    torch_path, fused = _attention(xs, spans, grad, "0"), _attention(xs, spans, grad, isa)
+    for r, a, b in zip(ref, torch_path, fused, strict=True):
+        err_torch, err_fused = ((x.double() - r).abs() for x in (a, b))
+        assert float(err_fused.max()) <= 1.5 * float(err_torch.max()), isa
+        assert float(err_fused.mean()) <= 1.1 * float(err_torch.mean()), isa
 
 
 def _isas() -> list[str]:
@@ -68,7 +115,7 @@ def _built() -> None:
 
 
 @pytest.mark.parametrize("isa", _isas())
-def test_swiglu_kernel_matches_the_torch_path(isa: str) -> None:
+def test_kernels_match_the_torch_paths(isa: str) -> None:
     _built()
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); import test_train_kernel as t; "
@@ -102,3 +149,43 @@ def test_swiglu_kernel_refuses_bad_buffers() -> None:
 def test_other_dtypes_take_the_torch_path() -> None:
     x = torch.zeros(4, 4)
     assert recompute.fused_kernel(x, x, x) is None  # fp32: the torch path
+
+
+def test_documents_to_1024_tokens_take_the_fused_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 on the CPU with the pass built: a 580-token document goes through ShortAttention
+    (past SHORT_DOCUMENT, within FUSED_SHORT_DOCUMENT), with SDPA's result."""
+    _built()
+    monkeypatch.delenv("LORATOOL_TRAIN_KERNEL", raising=False)
+    seen: list[Any] = []
+    real = attention.ShortAttention.apply
+
+    def spy(*args: Any) -> Any:
+        seen.append(args[3])
+        return real(*args)
+
+    monkeypatch.setattr(attention.ShortAttention, "apply", spy)
+    torch.manual_seed(0)
+    t, spans = 600, (((0, 20), (20, 600)),)
+    assert attention.SHORT_DOCUMENT < 580 <= attention.FUSED_SHORT_DOCUMENT
+    q, k, v = (torch.randn(1, t, 4, 16).to(torch.bfloat16).transpose(1, 2) for _ in range(3))
+    with attention.packed_segments(spans):
+        with torch.enable_grad():
+            fused, _ = attention.packed_attention(torch.nn.Module(), q, k, v, None, scaling=0.25)
+        with torch.no_grad():  # no ShortAttention without gradients: SDPA per document
+            sdpa, _ = attention.packed_attention(torch.nn.Module(), q, k, v, None, scaling=0.25)
+    assert seen == [spans]
+    torch.testing.assert_close(fused.float(), sdpa.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_attention_kernel_refuses_bad_buffers() -> None:
+    _built()
+    from loratool.training import kernel
+
+    s = torch.zeros(2, 5, 5, dtype=torch.bfloat16)
+    raw = byte_view
+    with pytest.raises(ValueError, match=r"\[k, n, n\]"):
+        kernel.attention_probs(raw(s), raw(s.clone()), 4, 0.5)  # not whole [n, n] blocks
+    with pytest.raises(ValueError, match=r"\[k, n, n\]"):
+        kernel.attention_probs(raw(s), raw(s[:1].clone()), 5, 0.5)
+    with pytest.raises(ValueError, match="overlaps"):
+        kernel.attention_grads(raw(s), raw(s), raw(s), raw(s.clone()), 5, 0.5)  # dS over S

@@ -9,7 +9,9 @@ instead: the varlen idea of flash-attention, in plain PyTorch, on any device. Wi
 documents it does ~10× less attention work than the masked square.
 
 On a CPU, documents of up to ``SHORT_DOCUMENT`` tokens go through ``ShortAttention`` instead
-(plain matmul-softmax-matmul, the probabilities recomputed in backward rather than kept).
+(plain matmul-softmax-matmul, the probabilities recomputed in backward rather than kept); up to
+``FUSED_SHORT_DOCUMENT`` for bf16 where its softmax is the compiled pass (``kernel.c``), which
+takes half the flash kernel's time at every length to 512 (measured, forward and backward).
 
 The document boundaries come from the batch (``packed_segments``); outside that context, or when
 the query is not the whole row (generation with a cache), it is transformers' SDPA unchanged.
@@ -26,8 +28,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..native import compiled
+from ..stream import byte_view
+
 NAME = "loratool_packed"
 SHORT_DOCUMENT = 192  # tokens; up to this, CPU attention runs as plain matmuls (see below)
+FUSED_SHORT_DOCUMENT = 1024  # the same with the compiled softmax: [heads, n, n] bf16 temporaries
 Segments = tuple[tuple[tuple[int, int], ...], ...]  # per row: (start, end) of each document
 
 _segments: ContextVar[Segments | None] = ContextVar("loratool_packed_segments", default=None)
@@ -68,11 +74,11 @@ def packed_attention(
     gqa = key.shape[1] != h
     cpu = query.device.type == "cpu"
     # On CPUs the flash kernel's fixed costs dominate short documents: its backward takes ~2x
-    # the plain matmul-softmax-matmul below ~200 tokens (measured, bf16). Those documents go
-    # through ShortAttention together; the longer ones through SDPA's flash kernel.
-    short = tuple(
-        tuple((s, e) for s, e in row if cpu and e - s <= SHORT_DOCUMENT) for row in segments
-    )
+    # the plain matmul-softmax-matmul below ~200 tokens (measured, bf16), or to 1024 with the
+    # compiled softmax. Those documents go through ShortAttention together; the longer ones
+    # through SDPA's flash kernel.
+    limit = FUSED_SHORT_DOCUMENT if _fused(query) is not None else SHORT_DOCUMENT
+    short = tuple(tuple((s, e) for s, e in row if cpu and e - s <= limit) for row in segments)
     lean = any(short) and dropout == 0.0 and torch.is_grad_enabled()
     if lean:
         scale = scaling if scaling is not None else d**-0.5
@@ -81,7 +87,7 @@ def packed_attention(
         result = query.new_zeros(b, t, h, d)
     for i, row in enumerate(segments):
         for start, end in row:
-            is_short = cpu and end - start <= SHORT_DOCUMENT
+            is_short = cpu and end - start <= limit
             if lean and is_short:
                 continue
             with sdpa_kernel(SDPBackend.MATH) if is_short else contextlib.nullcontext():
@@ -121,11 +127,16 @@ class ShortAttention(torch.autograd.Function):
     ) -> torch.Tensor:
         b, h, t, d = query.shape
         out = query.new_zeros(b, t, h, d)
+        fused = _fused(query)
         for i, row in enumerate(spans):
             for start, end in row:
                 q, k, v = (x[i, :, start:end] for x in (query, key, value))
-                p = _probs(q, _expand(k, h), scale)
-                out[i, start:end] = (p.to(v.dtype) @ _expand(v, h)).transpose(0, 1)
+                p = q @ _expand(k, h).transpose(1, 2) if fused is not None else None
+                if p is not None and p.is_contiguous():  # the softmax in one C pass, in place
+                    fused.attention_probs(byte_view(p), byte_view(p), end - start, scale)
+                else:
+                    p = _probs(q, _expand(k, h), scale).to(v.dtype)
+                out[i, start:end] = (p @ _expand(v, h)).transpose(0, 1)
         ctx.save_for_backward(query, key, value)
         ctx.spans, ctx.scale = spans, scale
         return out
@@ -135,23 +146,38 @@ class ShortAttention(torch.autograd.Function):
         query, key, value = ctx.saved_tensors
         h, hkv = query.shape[1], key.shape[1]
         gq, gk, gv = torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+        fused = _fused(query)
         for i, row in enumerate(ctx.spans):
             for start, end in row:
                 q, k, v = (x[i, :, start:end] for x in (query, key, value))
                 ke, ve = _expand(k, h), _expand(v, h)
-                p = _probs(q, ke, ctx.scale)  # [H, n, n], fp32
                 go = grad[i, start:end].transpose(0, 1).to(v.dtype)  # [H, n, D]
-                gve = p.to(v.dtype).transpose(1, 2) @ go
-                dp = go @ ve.transpose(1, 2)  # in v's dtype; each op below upcasts it exactly
-                # softmax backward: ds = p ⊙ (dp − Σ_j p·dp) in fp32 (or wider), rounded once
-                # into q's dtype by the multiply itself
-                dev = dp.sub((p * dp).sum(-1, keepdim=True))
-                ds = torch.mul(dev, p, out=torch.empty_like(dp, dtype=q.dtype))
+                dp = go @ ve.transpose(1, 2)  # in v's dtype
+                p = q @ ke.transpose(1, 2) if fused is not None else None
+                if p is not None and p.is_contiguous() and dp.is_contiguous():
+                    views = (byte_view(p), byte_view(dp))  # P over S and dS over dP, in C
+                    fused.attention_grads(*views, *views, end - start, ctx.scale)
+                    gve, ds = p.transpose(1, 2) @ go, dp
+                else:
+                    p = _probs(q, ke, ctx.scale)  # [H, n, n], fp32
+                    gve = p.to(v.dtype).transpose(1, 2) @ go
+                    # softmax backward: ds = p ⊙ (dp − Σ_j p·dp) in fp32 (or wider), rounded
+                    # once into q's dtype by the multiply itself (each op upcasts dp exactly)
+                    dev = dp.sub((p * dp).sum(-1, keepdim=True))
+                    ds = torch.mul(dev, p, out=torch.empty_like(dp, dtype=q.dtype))
                 gq[i, :, start:end] = (ds @ ke) * ctx.scale
                 gke = (ds.transpose(1, 2) @ q) * ctx.scale
                 gk[i, :, start:end] = _reduce(gke, hkv)
                 gv[i, :, start:end] = _reduce(gve, hkv)
         return gq, gk, gv, None, None
+
+
+def _fused(query: torch.Tensor) -> Any:
+    """The compiled softmax passes (``training/kernel.c``) for bf16 CPU attention, or None: not
+    built, another dtype or device, or ``LORATOOL_TRAIN_KERNEL=0`` (the torch ops then)."""
+    if query.device.type != "cpu" or query.dtype != torch.bfloat16:
+        return None
+    return compiled("loratool.training.kernel", "LORATOOL_TRAIN_KERNEL")
 
 
 def _expand(x: torch.Tensor, heads: int) -> torch.Tensor:

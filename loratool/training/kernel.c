@@ -1,4 +1,7 @@
-/* SwiGLU's backward over bf16 tensors in one pass: loratool.training.kernel (optional).
+/* Fused training passes: loratool.training.kernel (optional). SwiGLU's backward, and the
+   softmax of short documents' attention (below).
+
+   SwiGLU's backward over bf16 tensors in one pass:
 
    For y = silu(g)·u, given dy, the saved g and u (all bf16), in fp32:
 
@@ -13,10 +16,20 @@
    gradients are the torch path's bit for bit. (A polynomial e^x here was 1 ulp off torch's on a
    few elements in a million: enough to move a training run's trajectory.)
 
-   Built by setuptools where a C compiler is present; without it recompute.py runs the torch path. */
+   Attention (attention.py, ShortAttention): for bf16 scores S = q·kᵀ of one document, [heads,
+   n, n], ``attention_probs`` writes P = softmax(scale·S) over each row's causal keys (j ≤ i) in
+   bf16, zero above the diagonal, for P·V; ``attention_grads`` recomputes P from S and, with
+   dP = dO·Vᵀ (bf16), writes P and dS = P ⊙ (dP − Σ_j P·dP) in bf16 (over S and dP, or
+   elsewhere). In fp32, one row at a time in cache: torch makes ten passes over [heads, n, n]
+   fp32 temporaries for the same work and computes the masked half too. e^x is Cephes' expf
+   (range reduction by ln 2 in two parts, a degree-6 polynomial: within 2 ulp), not torch's, so
+   these are not the torch path's bits, but the same softmax to fp32 rounding.
+
+   Built by setuptools where a C compiler is present; without it the callers run the torch path. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -46,15 +59,104 @@ PASS(v3, __attribute__((target("arch=x86-64-v3"))))
 PASS(v4, __attribute__((target("arch=x86-64-v4"))))
 #endif
 
+/* -- attention ------------------------------------------------------------------------------ */
+
+#define ATT_MAX 4096 /* the longest document (row) the passes take */
+
+/* e^x for x ≤ 0 (Cephes expf; below -87.3 the result is 0): vectorizes, no libm call. */
+static inline float exp_le0(float x) {
+    int small = x < -87.3f;
+    x = small ? -87.3f : x;
+    float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln 2) */
+    float r = x - k * 0.693359375f;
+    r = r - k * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    float y = p * (r * r) + r + 1.0f;
+    int32_t bits = ((int32_t)k + 127) << 23;
+    float two_k;
+    memcpy(&two_k, &bits, 4);
+    return small ? 0.0f : y * two_k;
+}
+
+/* row[j] = softmax(scale·s[j]) for j < len, in fp32. */
+#define SOFTMAX_ROW(s, len, scale, row)                                                         \
+    do {                                                                                        \
+        float m = -INFINITY, sum = 0.0f;                                                        \
+        _Pragma("omp simd reduction(max : m)") for (Py_ssize_t j = 0; j < len; j++) {           \
+            float v = scale * bf16_up(s[j]);                                                    \
+            row[j] = v;                                                                         \
+            m = v > m ? v : m;                                                                  \
+        }                                                                                       \
+        _Pragma("omp simd reduction(+ : sum)") for (Py_ssize_t j = 0; j < len; j++) {           \
+            float e = exp_le0(row[j] - m);                                                      \
+            row[j] = e;                                                                         \
+            sum += e;                                                                           \
+        }                                                                                       \
+        float inv = 1.0f / sum;                                                                 \
+        _Pragma("omp simd") for (Py_ssize_t j = 0; j < len; j++) row[j] *= inv;                 \
+    } while (0)
+
+typedef void (*AttFwd)(const uint16_t *, uint16_t *, Py_ssize_t, Py_ssize_t, float);
+typedef void (*AttBwd)(const uint16_t *, const uint16_t *, uint16_t *, uint16_t *, Py_ssize_t,
+                       Py_ssize_t, float);
+
+#define ATT(SFX, ATTR)                                                                          \
+    ATTR static void att_probs_##SFX(const uint16_t *scores, uint16_t *probs, Py_ssize_t rows,  \
+                                     Py_ssize_t n, float scale) {                               \
+        float row[ATT_MAX];                                                                     \
+        for (Py_ssize_t r = 0; r < rows; r++) {                                                 \
+            const uint16_t *s = scores + r * n;                                                 \
+            uint16_t *o = probs + r * n;                                                        \
+            Py_ssize_t len = r % n + 1;                                                         \
+            SOFTMAX_ROW(s, len, scale, row);                                                    \
+            _Pragma("omp simd") for (Py_ssize_t j = 0; j < len; j++) o[j] =                     \
+                (uint16_t)bf16_down(row[j]);                                                    \
+            for (Py_ssize_t j = len; j < n; j++) o[j] = 0;                                      \
+        }                                                                                       \
+    }                                                                                           \
+    ATTR static void att_grads_##SFX(const uint16_t *scores, const uint16_t *dp,               \
+                                     uint16_t *probs, uint16_t *ds, Py_ssize_t rows,            \
+                                     Py_ssize_t n, float scale) {                               \
+        float row[ATT_MAX];                                                                     \
+        for (Py_ssize_t r = 0; r < rows; r++) {                                                 \
+            const uint16_t *s = scores + r * n, *g = dp + r * n;                                \
+            uint16_t *o = probs + r * n, *d = ds + r * n;                                       \
+            Py_ssize_t len = r % n + 1;                                                         \
+            SOFTMAX_ROW(s, len, scale, row);                                                    \
+            float dot = 0.0f;                                                                   \
+            _Pragma("omp simd reduction(+ : dot)") for (Py_ssize_t j = 0; j < len; j++) dot +=  \
+                row[j] * bf16_up(g[j]);                                                         \
+            _Pragma("omp simd") for (Py_ssize_t j = 0; j < len; j++) {                          \
+                float gj = bf16_up(g[j]);                                                       \
+                o[j] = (uint16_t)bf16_down(row[j]);                                             \
+                d[j] = (uint16_t)bf16_down(row[j] * (gj - dot));                                \
+            }                                                                                   \
+            for (Py_ssize_t j = len; j < n; j++) o[j] = 0, d[j] = 0;                            \
+        }                                                                                       \
+    }
+
+ATT(base, )
+#ifdef X86_TARGETS
+ATT(v3, __attribute__((target("arch=x86-64-v3"))))
+ATT(v4, __attribute__((target("arch=x86-64-v4"))))
+#endif
+
 static Pass P;
+static AttFwd PROBS;
+static AttBwd GRADS;
 static const char *ISA;
 
 static void pick(void) {
     int level = isa_level(getenv("LORATOOL_TRAIN_KERNEL"));
-    P = swiglu_base, ISA = "base";
+    P = swiglu_base, PROBS = att_probs_base, GRADS = att_grads_base, ISA = "base";
 #ifdef X86_TARGETS
-    if (level == 4) P = swiglu_v4, ISA = "v4";
-    if (level == 3) P = swiglu_v3, ISA = "v3";
+    if (level == 4) P = swiglu_v4, PROBS = att_probs_v4, GRADS = att_grads_v4, ISA = "v4";
+    if (level == 3) P = swiglu_v3, PROBS = att_probs_v3, GRADS = att_grads_v3, ISA = "v3";
 #endif
 }
 
@@ -95,7 +197,77 @@ done:
     Py_RETURN_NONE;
 }
 
+/* attention_probs(scores, probs, n, scale) and attention_grads(scores, dp, probs, ds, n, scale):
+   bf16 buffers of whole [rows, n] blocks (rows: heads × n), one length; an output may be the
+   input at its place (probs over scores, ds over dp), or apart from every other. */
+static int att_buffers(PyObject **o, int count, int first_out, Py_buffer *b, Py_ssize_t n,
+                       const char *what) {
+    int got = 0;
+    for (; got < count; got++) {
+        if (PyObject_GetBuffer(o[got], &b[got], got >= first_out ? PyBUF_WRITABLE : PyBUF_SIMPLE) <
+            0) {
+            break;
+        }
+        Py_ssize_t len = b[got].len;
+        if (!PyBuffer_IsContiguous(&b[got], 'C') || len != b[0].len || n < 1 || n > ATT_MAX ||
+            len % (2 * n * n)) {
+            PyErr_Format(PyExc_ValueError, "%s: bf16 buffers of [k, n, n], n in 1..%d", what,
+                         ATT_MAX);
+            got++;
+            break;
+        }
+    }
+    if (got == count) {
+        for (int w = first_out; w < count && !PyErr_Occurred(); w++) {
+            for (int r = 0; r < count; r++) {
+                const char *x = b[w].buf, *y = b[r].buf;
+                int own = r == w || (x == y && r == w - (count - first_out));
+                if (!own && x < y + b[r].len && y < x + b[w].len) {
+                    PyErr_Format(PyExc_ValueError, "%s: an output overlaps another buffer", what);
+                }
+            }
+        }
+    }
+    if (PyErr_Occurred()) {
+        for (int i = 0; i < got; i++) PyBuffer_Release(&b[i]);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *attention_probs(PyObject *self, PyObject *args) {
+    PyObject *o[2];
+    Py_ssize_t n;
+    float scale;
+    if (!PyArg_ParseTuple(args, "OOnf", &o[0], &o[1], &n, &scale)) return NULL;
+    Py_buffer b[2];
+    if (att_buffers(o, 2, 1, b, n, "attention_probs") < 0) return NULL;
+    Py_BEGIN_ALLOW_THREADS;
+    PROBS(b[0].buf, b[1].buf, b[0].len / (2 * n), n, scale);
+    Py_END_ALLOW_THREADS;
+    for (int i = 0; i < 2; i++) PyBuffer_Release(&b[i]);
+    Py_RETURN_NONE;
+}
+
+static PyObject *attention_grads(PyObject *self, PyObject *args) {
+    PyObject *o[4];
+    Py_ssize_t n;
+    float scale;
+    if (!PyArg_ParseTuple(args, "OOOOnf", &o[0], &o[1], &o[2], &o[3], &n, &scale)) return NULL;
+    Py_buffer b[4];
+    if (att_buffers(o, 4, 2, b, n, "attention_grads") < 0) return NULL;
+    Py_BEGIN_ALLOW_THREADS;
+    GRADS(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[0].len / (2 * n), n, scale);
+    Py_END_ALLOW_THREADS;
+    for (int i = 0; i < 4; i++) PyBuffer_Release(&b[i]);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"attention_probs", attention_probs, METH_VARARGS,
+     "attention_probs(scores, probs, n, scale): causal softmax rows of bf16 scores."},
+    {"attention_grads", attention_grads, METH_VARARGS,
+     "attention_grads(scores, dp, probs, ds, n, scale): P and softmax's backward dS."},
     {"swiglu_backward", swiglu_backward, METH_VARARGS,
      "swiglu_backward(grad, gate, up, sig, grad_gate, grad_up): SwiGLU's gradients, one pass."},
     {NULL, NULL, 0, NULL},
