@@ -1,12 +1,20 @@
 """Dropout's compiled pass (loratool/lora/kernel.c) against the numpy mask and masked_fill.
 
-``dropped`` draws the mask from the seed's PCG64 stream and zeroes in one pass; with the pass
-turned off (``LORATOOL_TRAIN_KERNEL=0``) it is ``dropout_mask`` and ``masked_fill``. Both must
-give the same bits, for every dtype the pass takes, lengths around its chunk and word sizes,
-a new tensor, one zeroed in place, and both at once; and a training step the same gradients.
+``dropped`` draws the mask from the seed's SplitMix64 counter stream and zeroes in one pass;
+with the pass turned off (``LORATOOL_TRAIN_KERNEL=0``) it is ``dropout_mask`` (numpy) and
+``masked_fill``. Both must give the same bits, for every dtype the pass takes, lengths around
+its chunk and word sizes, a new tensor, one zeroed in place, and both at once, on every
+instruction set the CPU has (``LORATOOL_TRAIN_KERNEL=base|v3|v4``, one process each); and a
+training step the same gradients. The masks themselves: p of the elements drop, in every lane
+of a word, independently of the neighbour and of the next seed.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,11 +64,11 @@ def test_the_pass_is_used_and_refuses_bad_buffers(monkeypatch: pytest.MonkeyPatc
     assert layer._dropout_kernel(x, x) is None
     buf = byte_view(x)
     with pytest.raises(ValueError, match="one length"):
-        kernel.dropout(1, 2, 3, 4, 100, 2, buf, byte_view(torch.ones(5, 8, dtype=torch.bfloat16)))
+        kernel.dropout(1, 100, 2, buf, byte_view(torch.ones(5, 8, dtype=torch.bfloat16)))
     with pytest.raises(ValueError, match="2, 4 or 8"):
-        kernel.dropout(1, 2, 3, 4, 100, 3, buf, buf)
+        kernel.dropout(1, 100, 3, buf, buf)
     with pytest.raises(ValueError, match="overlaps"):
-        kernel.dropout(1, 2, 3, 4, 100, 2, byte_view(x.view(-1)[:16]), byte_view(x.view(-1)[8:24]))
+        kernel.dropout(1, 100, 2, byte_view(x.view(-1)[:16]), byte_view(x.view(-1)[8:24]))
 
 
 def test_a_step_with_dropout_has_the_torch_paths_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -93,3 +101,50 @@ def test_a_step_with_dropout_has_the_torch_paths_gradients(monkeypatch: pytest.M
     for w, got in zip(want, grads("1"), strict=True):
         assert torch.equal(w, got)
     assert used[2:] == [True, True]
+
+
+def _isas() -> list[str]:
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    isas = ["base"]
+    if all(f in flags for f in ("avx2", "fma", "bmi2")):
+        isas.append("v3")
+        if all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq")):
+            isas.append("v4")
+    return isas
+
+
+CHECK = """
+import sys, torch
+from loratool.lora import kernel
+from loratool.lora.layer import dropout_mask, dropped
+assert kernel.isa == sys.argv[1], kernel.isa
+for shape in ((1, 1), (3, 5), (7, 1001), (2, 4096 * 3 + 5)):
+    x = torch.randn(shape).to(torch.bfloat16)
+    for seed in (0, 2**62 - 1):
+        want = x.masked_fill(dropout_mask(torch.Size(shape), 0.3, torch.device("cpu"), seed), 0.0)
+        assert torch.equal(dropped(x, 0.3, seed).view(torch.int16), want.view(torch.int16))
+"""
+
+
+@pytest.mark.parametrize("isa", _isas())
+def test_every_instruction_set_gives_the_numpy_masks(isa: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", CHECK, isa],
+        env={**os.environ, "LORATOOL_TRAIN_KERNEL": isa},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_masks_drop_p_independently_of_place_and_seed() -> None:
+    n, p = 1 << 22, 0.05
+    m = dropout_mask(torch.Size([n]), p, CPU, seed=12345).double()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(float(m.mean()) - p) < 5 * sigma
+    for lane in range(4):  # each 16-bit lane of a word
+        assert abs(float(m[lane::4].mean()) - p) < 5 * 2 * sigma
+    both = float((m[1:] * m[:-1]).mean())  # neighbours: p² if independent
+    assert abs(both - p * p) < 5 * (p * p / n) ** 0.5
+    nxt = dropout_mask(torch.Size([n]), p, CPU, seed=12346).double()  # the next seed: unrelated
+    assert abs(float((m * nxt).mean()) - p * p) < 5 * (p * p / n) ** 0.5
