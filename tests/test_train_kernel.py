@@ -3,9 +3,9 @@
 Per instruction set this CPU has (``LORATOOL_TRAIN_KERNEL=base|v3|v4``, one process each):
 SwiGLU's two gradients are the torch version's bit for bit (σ comes from torch; the rest is the
 same fp32 operations in the same order), on data with zeros, huge and tiny gates. The attention
-softmax is not bitwise torch's (its own e^x), so it is held to the torch path's accuracy: the
-same bf16 probabilities but for a few 1-ulp roundings, and ShortAttention's output and
-gradients as close to an fp64 reference as the torch path's.
+softmax is not bitwise torch's (its own e^x), nor is RMSNorm (its sums in another order), so
+they are held to the torch path's accuracy: the same bf16 values but for a few 1-ulp roundings,
+and outputs and gradients as close to an fp64 reference as the torch path's.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def check_all(isa: str) -> None:
             assert x.dtype == torch.bfloat16 and x.shape == w.shape
             assert torch.equal(x.view(torch.int16), w.view(torch.int16)), (isa, shape)
     check_attention(isa)
+    check_norm(isa)
 
 
 def _attention(xs: tuple[torch.Tensor, ...], spans: Any, grad: torch.Tensor, switch: str) -> list:
@@ -93,6 +94,29 @@ def check_attention(isa: str) -> None:
         err_torch, err_fused = ((x.double() - r).abs() for x in (a, b))
         assert float(err_fused.max()) <= 1.5 * float(err_torch.max()), isa
         assert float(err_fused.mean()) <= 1.1 * float(err_torch.mean()), isa
+
+
+def _norm(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor, switch: str) -> list:
+    os.environ["LORATOOL_TRAIN_KERNEL"] = switch
+    xx = x.detach().clone().requires_grad_()
+    y = recompute.RMSNorm.apply(xx, w, 1e-5)
+    y.backward(g.to(y.dtype))
+    return [y.detach(), xx.grad]
+
+
+def check_norm(isa: str) -> None:
+    torch.manual_seed(0)
+    for shape in ((3, 576), (2, 5, 1), (1, 7)):
+        x = (torch.randn(shape) * 3).to(torch.bfloat16)
+        x.view(-1)[0] = 0.0
+        w = (torch.randn(shape[-1]) + 1).to(torch.bfloat16)
+        g = torch.randn(shape).to(torch.bfloat16)
+        ref = _norm(x.double(), w.double(), g.double(), "0")
+        for r, a, b in zip(ref, _norm(x, w, g, "0"), _norm(x, w, g, isa), strict=True):
+            err_torch, err_fused = ((t.double() - r).abs() for t in (a, b))
+            assert float(err_fused.max()) <= 1.5 * float(err_torch.max()) + 1e-6, (isa, shape)
+            assert float(err_fused.mean()) <= 1.1 * float(err_torch.mean()) + 1e-7, (isa, shape)
+            assert float((a != b).float().mean()) < 0.01  # the same bf16 values, nearly all
 
 
 def _isas() -> list[str]:
@@ -189,3 +213,25 @@ def test_attention_kernel_refuses_bad_buffers() -> None:
         kernel.attention_probs(raw(s), raw(s[:1].clone()), 5, 0.5)
     with pytest.raises(ValueError, match="overlaps"):
         kernel.attention_grads(raw(s), raw(s), raw(s), raw(s.clone()), 5, 0.5)  # dS over S
+
+
+def test_norm_kernel_refuses_bad_buffers_and_leaves_trained_weights_to_torch() -> None:
+    _built()
+    from loratool.training import kernel
+
+    x, w, r = (
+        torch.zeros(4, 8, dtype=torch.bfloat16),
+        torch.ones(8, dtype=torch.bfloat16),
+        torch.zeros(4),
+    )
+    raw = byte_view
+    with pytest.raises(ValueError, match="rows, d"):
+        kernel.rms_norm(raw(x), raw(w[:4]), raw(x.clone()), raw(r), 8, 1e-5)
+    with pytest.raises(ValueError, match="rows, d"):
+        kernel.rms_norm(raw(x), raw(w), raw(x.clone()), raw(r[:2]), 8, 1e-5)
+    with pytest.raises(ValueError, match="overlaps"):
+        kernel.rms_norm(raw(x), raw(w), raw(x), raw(r), 8, 1e-5)
+    wt = torch.ones(8, dtype=torch.bfloat16, requires_grad=True)  # a trained weight: torch's
+    xx = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
+    recompute.RMSNorm.apply(xx, wt, 1e-5).sum().backward()
+    assert wt.grad is not None and xx.grad is not None

@@ -1,5 +1,5 @@
-/* Fused training passes: loratool.training.kernel (optional). SwiGLU's backward, and the
-   softmax of short documents' attention (below).
+/* Fused training passes: loratool.training.kernel (optional). SwiGLU's backward, RMSNorm, and
+   the softmax of short documents' attention (below).
 
    SwiGLU's backward over bf16 tensors in one pass:
 
@@ -24,6 +24,12 @@
    fp32 temporaries for the same work and computes the masked half too. e^x is Cephes' expf
    (range reduction by ln 2 in two parts, a degree-6 polynomial: within 2 ulp), not torch's, so
    these are not the torch path's bits, but the same softmax to fp32 rounding.
+
+   RMSNorm (recompute.py) over bf16 rows of d: ``rms_norm`` writes y = w ⊙ bf16(x·r) with
+   r = 1/√(mean x² + ε) (Llama's casts) and keeps r per row; ``rms_norm_backward`` writes
+   ∂x = bf16((g − x̂·mean(g·x̂))·r), g = ∂y·w, x̂ = x·r, all in fp32. One pass per row in cache,
+   for torch's eight over [tokens, d] fp32 temporaries; the sums run in another order, so the
+   bits are not torch's (the same to fp32 rounding of a mean).
 
    Built by setuptools where a C compiler is present; without it the callers run the torch path. */
 
@@ -146,7 +152,59 @@ ATT(v3, __attribute__((target("arch=x86-64-v3"))))
 ATT(v4, __attribute__((target("arch=x86-64-v4"))))
 #endif
 
+/* -- RMSNorm --------------------------------------------------------------------------------- */
+
+typedef void (*NormFwd)(const uint16_t *, const uint16_t *, uint16_t *, float *, Py_ssize_t,
+                        Py_ssize_t, float);
+typedef void (*NormBwd)(const uint16_t *, const uint16_t *, const float *, const uint16_t *,
+                        uint16_t *, Py_ssize_t, Py_ssize_t);
+
+#define NORM(SFX, ATTR)                                                                         \
+    ATTR static void norm_fwd_##SFX(const uint16_t *x, const uint16_t *w, uint16_t *y,          \
+                                    float *rstd, Py_ssize_t rows, Py_ssize_t d, float eps) {    \
+        for (Py_ssize_t r = 0; r < rows; r++) {                                                 \
+            const uint16_t *xr = x + r * d;                                                     \
+            uint16_t *yr = y + r * d;                                                           \
+            float ss = 0.0f;                                                                    \
+            _Pragma("omp simd reduction(+ : ss)") for (Py_ssize_t j = 0; j < d; j++) {          \
+                float v = bf16_up(xr[j]);                                                       \
+                ss += v * v;                                                                    \
+            }                                                                                   \
+            float rs = 1.0f / sqrtf(ss / (float)d + eps);                                       \
+            rstd[r] = rs;                                                                       \
+            _Pragma("omp simd") for (Py_ssize_t j = 0; j < d; j++) {                            \
+                float h = bf16_up(bf16_down(bf16_up(xr[j]) * rs));                              \
+                yr[j] = (uint16_t)bf16_down(bf16_up(w[j]) * h);                                 \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+    ATTR static void norm_bwd_##SFX(const uint16_t *x, const uint16_t *w, const float *rstd,    \
+                                    const uint16_t *gy, uint16_t *gx, Py_ssize_t rows,          \
+                                    Py_ssize_t d) {                                             \
+        for (Py_ssize_t r = 0; r < rows; r++) {                                                 \
+            const uint16_t *xr = x + r * d, *gr = gy + r * d;                                   \
+            uint16_t *o = gx + r * d;                                                           \
+            float rs = rstd[r], dot = 0.0f;                                                     \
+            _Pragma("omp simd reduction(+ : dot)") for (Py_ssize_t j = 0; j < d; j++) {         \
+                dot += (bf16_up(gr[j]) * bf16_up(w[j])) * (bf16_up(xr[j]) * rs);                \
+            }                                                                                   \
+            float mean = dot / (float)d;                                                        \
+            _Pragma("omp simd") for (Py_ssize_t j = 0; j < d; j++) {                            \
+                float g = bf16_up(gr[j]) * bf16_up(w[j]), xh = bf16_up(xr[j]) * rs;             \
+                o[j] = (uint16_t)bf16_down((g - xh * mean) * rs);                               \
+            }                                                                                   \
+        }                                                                                       \
+    }
+
+NORM(base, )
+#ifdef X86_TARGETS
+NORM(v3, __attribute__((target("arch=x86-64-v3"))))
+NORM(v4, __attribute__((target("arch=x86-64-v4"))))
+#endif
+
 static Pass P;
+static NormFwd NORM_F;
+static NormBwd NORM_B;
 static AttFwd PROBS;
 static AttBwd GRADS;
 static const char *ISA;
@@ -154,9 +212,12 @@ static const char *ISA;
 static void pick(void) {
     int level = isa_level(getenv("LORATOOL_TRAIN_KERNEL"));
     P = swiglu_base, PROBS = att_probs_base, GRADS = att_grads_base, ISA = "base";
+    NORM_F = norm_fwd_base, NORM_B = norm_bwd_base;
 #ifdef X86_TARGETS
     if (level == 4) P = swiglu_v4, PROBS = att_probs_v4, GRADS = att_grads_v4, ISA = "v4";
+    if (level == 4) NORM_F = norm_fwd_v4, NORM_B = norm_bwd_v4;
     if (level == 3) P = swiglu_v3, PROBS = att_probs_v3, GRADS = att_grads_v3, ISA = "v3";
+    if (level == 3) NORM_F = norm_fwd_v3, NORM_B = norm_bwd_v3;
 #endif
 }
 
@@ -263,7 +324,77 @@ static PyObject *attention_grads(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* rms_norm(x, w, y, rstd, d, eps) and rms_norm_backward(x, w, rstd, grad_y, grad_x, d): bf16
+   x, y, grad_y, grad_x of [rows, d] (one length), w bf16 [d], rstd fp32 [rows]; outputs apart
+   from every other buffer. */
+static int norm_buffers(PyObject **o, int count, const int *kind, int first_out, Py_buffer *b,
+                        Py_ssize_t d, const char *what) {
+    int got = 0;
+    Py_ssize_t rows = -1;
+    for (; got < count; got++) {
+        if (PyObject_GetBuffer(o[got], &b[got], got >= first_out ? PyBUF_WRITABLE : PyBUF_SIMPLE) <
+            0) {
+            break;
+        }
+        Py_ssize_t len = b[got].len;
+        if (rows < 0 && kind[got] == 0 && d > 0) rows = len / (2 * d);
+        Py_ssize_t want = kind[got] == 0 ? 2 * d * rows : kind[got] == 1 ? 2 * d : 4 * rows;
+        if (!PyBuffer_IsContiguous(&b[got], 'C') || d < 1 || len != want) {
+            PyErr_Format(PyExc_ValueError, "%s: bf16 [rows, d], bf16 weight [d], fp32 [rows]",
+                         what);
+            got++;
+            break;
+        }
+    }
+    for (int w = first_out; got == count && w < count && !PyErr_Occurred(); w++) {
+        for (int r = 0; r < count; r++) {
+            const char *x = b[w].buf, *y = b[r].buf;
+            if (r != w && x < y + b[r].len && y < x + b[w].len) {
+                PyErr_Format(PyExc_ValueError, "%s: an output overlaps another buffer", what);
+            }
+        }
+    }
+    if (PyErr_Occurred()) {
+        for (int i = 0; i < got; i++) PyBuffer_Release(&b[i]);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *rms_norm(PyObject *self, PyObject *args) {
+    PyObject *o[4];
+    Py_ssize_t d;
+    float eps;
+    if (!PyArg_ParseTuple(args, "OOOOnf", &o[0], &o[1], &o[2], &o[3], &d, &eps)) return NULL;
+    static const int kind[4] = {0, 1, 0, 2};
+    Py_buffer b[4];
+    if (norm_buffers(o, 4, kind, 2, b, d, "rms_norm") < 0) return NULL;
+    Py_BEGIN_ALLOW_THREADS;
+    NORM_F(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[0].len / (2 * d), d, eps);
+    Py_END_ALLOW_THREADS;
+    for (int i = 0; i < 4; i++) PyBuffer_Release(&b[i]);
+    Py_RETURN_NONE;
+}
+
+static PyObject *rms_norm_backward(PyObject *self, PyObject *args) {
+    PyObject *o[5];
+    Py_ssize_t d;
+    if (!PyArg_ParseTuple(args, "OOOOOn", &o[0], &o[1], &o[2], &o[3], &o[4], &d)) return NULL;
+    static const int kind[5] = {0, 1, 2, 0, 0};
+    Py_buffer b[5];
+    if (norm_buffers(o, 5, kind, 4, b, d, "rms_norm_backward") < 0) return NULL;
+    Py_BEGIN_ALLOW_THREADS;
+    NORM_B(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[0].len / (2 * d), d);
+    Py_END_ALLOW_THREADS;
+    for (int i = 0; i < 5; i++) PyBuffer_Release(&b[i]);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"rms_norm", rms_norm, METH_VARARGS,
+     "rms_norm(x, w, y, rstd, d, eps): y = w * bf16(x / rms(x)), rstd = 1 / rms per row."},
+    {"rms_norm_backward", rms_norm_backward, METH_VARARGS,
+     "rms_norm_backward(x, w, rstd, grad_y, grad_x, d): RMSNorm's input gradient."},
     {"attention_probs", attention_probs, METH_VARARGS,
      "attention_probs(scores, probs, n, scale): causal softmax rows of bf16 scores."},
     {"attention_grads", attention_grads, METH_VARARGS,

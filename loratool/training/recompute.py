@@ -30,10 +30,20 @@ from ..stream import byte_view
 
 
 class RMSNorm(torch.autograd.Function):
-    """``w ⊙ (x/rms(x)).to(x.dtype)`` (Llama's order of casts); saves x and 1/rms only."""
+    """``w ⊙ (x/rms(x)).to(x.dtype)`` (Llama's order of casts); saves x and 1/rms only.
+
+    For bf16 on the CPU both ways are one compiled pass per row (``kernel.c``: the same formula
+    in fp32, its sums in another order); else the torch ops below."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        fused = _norm_kernel(x, weight)
+        if fused is not None:
+            y = torch.empty_like(x)
+            rstd = torch.empty(*x.shape[:-1], 1, dtype=torch.float32)
+            fused.rms_norm(*(byte_view(t) for t in (x, weight, y, rstd)), x.shape[-1], eps)
+            ctx.save_for_backward(x, weight, rstd)
+            return y
         xf = x.float()
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         y = weight * (xf * rstd).to(x.dtype)
@@ -43,6 +53,12 @@ class RMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> Any:
         x, weight, rstd = ctx.saved_tensors
+        fused = _norm_kernel(x, weight, grad_y) if rstd.dtype == torch.float32 else None
+        if fused is not None and not ctx.needs_input_grad[1]:
+            gx = torch.empty_like(x)
+            views = (byte_view(t) for t in (x, weight, rstd, grad_y, gx))
+            fused.rms_norm_backward(*views, x.shape[-1])
+            return gx, None, None
         xhat = x.float() * rstd  # fp32, as in forward
         gw = grad_y.float() * weight.float()
         # ∂/∂x of x·r with r = (mean x² + ε)^-½: r·(g − x̂·mean(g·x̂)).
@@ -84,6 +100,19 @@ class SwiGLU(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_up = (gf * (g * sig)).to(up.dtype)
         return grad_gate, grad_up
+
+
+def _norm_kernel(x: torch.Tensor, weight: torch.Tensor, *more: torch.Tensor) -> Any:
+    """The compiled RMSNorm (``kernel.c``) for contiguous bf16 CPU rows and a bf16 weight of
+    their width, or None (the torch ops): not built, other tensors, ``LORATOOL_TRAIN_KERNEL=0``."""
+    ts = (x, weight, *more)
+    if x.device.type != "cpu" or not x.numel() or x.dim() < 1 or weight.shape != x.shape[-1:]:
+        return None
+    if any(t.dtype != torch.bfloat16 or t.device != x.device or not t.is_contiguous() for t in ts):
+        return None
+    if any(t.shape != x.shape for t in more):
+        return None
+    return compiled("loratool.training.kernel", "LORATOOL_TRAIN_KERNEL")
 
 
 def fused_kernel(*ts: torch.Tensor) -> Any:
