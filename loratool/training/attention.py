@@ -126,16 +126,19 @@ class ShortAttention(torch.autograd.Function):
         scale: float,
     ) -> torch.Tensor:
         b, h, t, d = query.shape
+        hkv = key.shape[1]
         out = query.new_zeros(b, t, h, d)
         fused = _fused(query)
         for i, row in enumerate(spans):
             for start, end in row:
                 q, k, v = (x[i, :, start:end] for x in (query, key, value))
-                p = q @ _expand(k, h).transpose(1, 2) if fused is not None else None
-                if p is not None and p.is_contiguous():  # the softmax in one C pass, in place
-                    fused.attention_probs(byte_view(p), byte_view(p), end - start, scale)
-                else:
-                    p = _probs(q, _expand(k, h), scale).to(v.dtype)
+                if fused is not None:  # grouped heads stacked, the softmax one C pass in place
+                    n = end - start
+                    p = q.reshape(hkv, -1, d) @ k.transpose(1, 2)  # [kv, group·n, n]
+                    fused.attention_probs(byte_view(p), byte_view(p), n, scale)
+                    out[i, start:end] = (p @ v).view(h, n, d).transpose(0, 1)
+                    continue
+                p = _probs(q, _expand(k, h), scale).to(v.dtype)
                 out[i, start:end] = (p @ _expand(v, h)).transpose(0, 1)
         ctx.save_for_backward(query, key, value)
         ctx.spans, ctx.scale = spans, scale
@@ -150,21 +153,25 @@ class ShortAttention(torch.autograd.Function):
         for i, row in enumerate(ctx.spans):
             for start, end in row:
                 q, k, v = (x[i, :, start:end] for x in (query, key, value))
-                ke, ve = _expand(k, h), _expand(v, h)
                 go = grad[i, start:end].transpose(0, 1).to(v.dtype)  # [H, n, D]
-                dp = go @ ve.transpose(1, 2)  # in v's dtype
-                p = q @ ke.transpose(1, 2) if fused is not None else None
-                if p is not None and p.is_contiguous() and dp.is_contiguous():
+                if fused is not None:  # grouped: k and v as they are, their gradients summed
+                    n, d = end - start, q.shape[-1]  # over the group inside the matmuls
+                    qg, gog = q.reshape(hkv, -1, d), go.reshape(hkv, -1, d)
+                    p, dp = qg @ k.transpose(1, 2), gog @ v.transpose(1, 2)
                     views = (byte_view(p), byte_view(dp))  # P over S and dS over dP, in C
-                    fused.attention_grads(*views, *views, end - start, ctx.scale)
-                    gve, ds = p.transpose(1, 2) @ go, dp
-                else:
-                    p = _probs(q, ke, ctx.scale)  # [H, n, n], fp32
-                    gve = p.to(v.dtype).transpose(1, 2) @ go
-                    # softmax backward: ds = p ⊙ (dp − Σ_j p·dp) in fp32 (or wider), rounded
-                    # once into q's dtype by the multiply itself (each op upcasts dp exactly)
-                    dev = dp.sub((p * dp).sum(-1, keepdim=True))
-                    ds = torch.mul(dev, p, out=torch.empty_like(dp, dtype=q.dtype))
+                    fused.attention_grads(*views, *views, n, ctx.scale)
+                    gq[i, :, start:end] = ((dp @ k) * ctx.scale).view(h, n, d)
+                    gk[i, :, start:end] = (dp.transpose(1, 2) @ qg) * ctx.scale
+                    gv[i, :, start:end] = p.transpose(1, 2) @ gog
+                    continue
+                ke, ve = _expand(k, h), _expand(v, h)
+                dp = go @ ve.transpose(1, 2)  # in v's dtype
+                p = _probs(q, ke, ctx.scale)  # [H, n, n], fp32
+                gve = p.to(v.dtype).transpose(1, 2) @ go
+                # softmax backward: ds = p ⊙ (dp − Σ_j p·dp) in fp32 (or wider), rounded once
+                # into q's dtype by the multiply itself (each op upcasts dp exactly)
+                dev = dp.sub((p * dp).sum(-1, keepdim=True))
+                ds = torch.mul(dev, p, out=torch.empty_like(dp, dtype=q.dtype))
                 gq[i, :, start:end] = (ds @ ke) * ctx.scale
                 gke = (ds.transpose(1, 2) @ q) * ctx.scale
                 gk[i, :, start:end] = _reduce(gke, hkv)
