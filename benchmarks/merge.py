@@ -363,7 +363,7 @@ def print_result(r: dict[str, object], args: argparse.Namespace) -> None:
         )
         phases = ph["phases"]
         named = sum(v for k, v in phases.items() if not k.startswith(" "))
-        for k in [p for _, _, p in PHASES if p in phases]:
+        for k in dict.fromkeys(p for _, _, p in PHASES if p in phases):  # one line a phase
             v = phases[k]
             print(f"  {k:<44}{v:>7.2f}  {v / ph['merge']:>5.0%}")
         rest = ph["merge"] - named

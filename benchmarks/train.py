@@ -8,12 +8,18 @@ Each side runs as its own process; sides alternate in rounds, because the machin
     python benchmarks/train.py --memory [--shape short|long] [--tokens 2048,4096,8192]
 
 Sides and their precision:
-- ``loratool``: bf16 frozen weights, bf16 autocast, fp32 LoRA + AdamW (``--dtype auto``); 8 packed
-  rows of ≤256 tokens per step (documents never attend to each other), so fewer steps.
+- ``loratool``: ``--dtype auto``: where the CPU does bf16 natively (AVX512-BF16 or AMX), bf16
+  frozen weights and bf16 autocast, fp32 LoRA + AdamW; elsewhere all fp32. 8 packed rows of ≤256
+  tokens per step (documents never attend to each other), so fewer steps.
 - ``peft-f32`` / ``peft-bf16``: PEFT + transformers ``Trainer``, fp32 (its CPU default) or
   ``bf16=True`` (autocast over fp32 weights); 8 documents per step, padded to the longest.
 - ``trl``: TRL ``SFTTrainer`` with ``peft_config``, its defaults where we set nothing
-  (``bf16=True``, ``gradient_checkpointing=True``); 8 documents per step, padded.
+  (``bf16=True``, ``gradient_checkpointing=True``); ``trl-f32`` the same with ``bf16=False``.
+  8 documents per step, padded.
+
+The default sides follow the machine: ``loratool,peft-f32,peft-bf16,trl`` where bf16 is native;
+elsewhere bf16 is emulated (on an AVX2-only CPU a bf16 linear runs ~8x slower than fp32), so
+``loratool,peft-f32,trl-f32``, the sides a user there would run; ``--sides`` picks any.
 
 Reported per side: non-padding tokens/s over steps 2..N (step 1 pays one-off warm-up), peak RSS
 of the whole process (ru_maxrss from wait4), the final training loss (mean of the last step's
@@ -25,8 +31,9 @@ Utilisation: the useful FLOPs of the data set are counted from the model's shape
 gradients; LoRA 6·r·(in+out) per token and adapted module; attention 12·n²·d per layer and
 document of n tokens (the full square, as the kernels compute it); the head 4·d·V per target:
 its forward and the gradient computed with it). Achieved FLOP/s = tokens/s × FLOPs per token,
-against the bf16 matmul peak measured in the same run (a 2048×576 @ 576×1536 loop, as
-shared/notes/machine.md describes), before and after the sides run.
+against the peak of the side's precision measured in the same run (``F.linear`` of a [2048, 576]
+input by a [1536, 576] weight in fp32 and in bf16, as shared/notes/machine.md describes), before
+and after the sides run.
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ SEQ_LEN, BATCH = 256, 8
 RANK, ALPHA, DROPOUT, LR, SEED = 16, 32, 0.05, 2e-4, 0
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 N_TRAIN, N_EVAL = 64, 32
+DEFAULT_SIDES = "loratool,peft-f32,peft-bf16,trl"
+DEFAULT_SIDES_F32 = "loratool,peft-f32,trl-f32"
 MODULES = [
     "json",
     "os",
@@ -168,7 +177,7 @@ def _common_args() -> dict[str, Any]:
 
 
 def run_hf(kind: str, model_dir: str, data: str, out: str, report: str) -> None:
-    """``kind``: peft-f32, peft-bf16 (Trainer) or trl (SFTTrainer + peft_config)."""
+    """``kind``: peft-f32, peft-bf16 (Trainer), trl or trl-f32 (SFTTrainer + peft_config)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
@@ -178,13 +187,14 @@ def run_hf(kind: str, model_dir: str, data: str, out: str, report: str) -> None:
     tokens: list[int] = []
     log: list[dict[str, float]] = []
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if kind == "trl":
+    if kind.startswith("trl"):
         from datasets import Dataset
         from trl import SFTConfig, SFTTrainer
 
         # Pre-tokenised (the same ids): SFTTrainer skips its own tokenisation for input_ids.
         ds = Dataset.from_list([{"input_ids": r["input_ids"]} for r in rows])
-        args = SFTConfig(output_dir=out + "-trainer", max_length=SEQ_LEN, **_common_args())
+        extra = {"bf16": False} if kind == "trl-f32" else {}
+        args = SFTConfig(output_dir=out + "-trainer", max_length=SEQ_LEN, **extra, **_common_args())
         trainer: Any = SFTTrainer(
             model=model,
             args=args,
@@ -354,20 +364,41 @@ def common_eval(side: str, adapter: str, model_dir: str, eval_path: str) -> floa
     return total / count
 
 
-def matmul_peak(seconds: float = 3.0) -> float:
-    """bf16 FLOP/s of a 2048×576 @ 576×1536 matmul loop on this process's threads."""
+def matmul_peak(dtype: str, seconds: float = 3.0) -> float:
+    """FLOP/s of ``F.linear`` on a [2048, 576] input and a [1536, 576] weight in ``dtype``.
+
+    The op the models' projections run, on this process's threads; timed for ``seconds`` or at
+    least three calls (a CPU without native bf16 takes a quarter of a second a call).
+    """
     import torch
 
-    a = torch.randn(2048, 576, dtype=torch.bfloat16)
-    b = torch.randn(576, 1536, dtype=torch.bfloat16)
-    for _ in range(5):
-        a @ b
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a = torch.randn(2048, 576, dtype=dt)
+    w = torch.randn(1536, 576, dtype=dt)
+    for _ in range(2):
+        torch.nn.functional.linear(a, w)
     n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for _ in range(10):
-            a @ b
-        n += 10
+    while n < 3 or time.perf_counter() - start < seconds:
+        torch.nn.functional.linear(a, w)
+        n += 1
     return 2 * 2048 * 576 * 1536 * n / (time.perf_counter() - start)
+
+
+def native_bf16() -> bool:
+    """What ``loratool train --dtype auto`` decides on this CPU (bf16 only where it is native)."""
+    import torch
+
+    from loratool.training.runtime import resolve_dtype
+
+    return resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+
+
+def precision(side: str, bf16: bool) -> str:
+    """The precision a side's matmuls run in: loratool follows --dtype auto; PEFT as named; TRL
+    with its default bf16=True where bf16 is native, else as ``trl-f32`` (bf16=False)."""
+    if side.startswith("loratool"):
+        return "bf16" if bf16 else "f32"
+    return "f32" if side.endswith("f32") else "bf16"
 
 
 def useful_flops(model_dir: str, docs: list[Any]) -> tuple[float, int]:
@@ -409,9 +440,18 @@ def compare(args: argparse.Namespace) -> None:
     import models
 
     model_dir = str(models.smollm2())
-    sides = args.sides.split(",")
+    bf16 = native_bf16()
+    sides = (args.sides or (DEFAULT_SIDES if bf16 else DEFAULT_SIDES_F32)).split(",")
     print(f"load average before: {load()}", flush=True)
-    peak0 = matmul_peak()
+    kinds = sorted({precision(s, bf16) for s in sides} | {"f32", "bf16"})
+    peak0 = {k: matmul_peak(k) for k in kinds}
+    if not bf16 and not args.sides:
+        print(
+            f"no native bf16 on this CPU (bf16 linear {peak0['bf16'] / 1e9:.0f} GFLOP/s against "
+            f"{peak0['f32'] / 1e9:.0f} in fp32): loratool's --dtype auto trains in fp32, so the "
+            "sides are the fp32 ones (--sides peft-bf16,trl runs the others)",
+            flush=True,
+        )
     with tempfile.TemporaryDirectory(prefix="loratool-bench-") as tmp:
         work = Path(tmp)
         data, eval_path = build_data(work, n_train=args.docs, n_eval=args.eval_docs)
@@ -436,8 +476,8 @@ def compare(args: argparse.Namespace) -> None:
                 evals[side] = common_eval(
                     side, results[side][-1]["adapter"], model_dir, str(eval_path)
                 )
-    peak1 = matmul_peak()
-    peak = max(peak0, peak1)
+    peak1 = {k: matmul_peak(k) for k in kinds}
+    peak = {k: max(peak0[k], peak1[k]) for k in kinds}
     per_token = flops / n_tokens
     print(f"load average after: {load()}")
     print()
@@ -447,12 +487,14 @@ def compare(args: argparse.Namespace) -> None:
         f"best of {args.rounds} rounds (tok/s: max, RSS: min)"
     )
     print(
-        f"useful work: {per_token / 1e6:.0f} MFLOP per token; bf16 matmul peak "
-        f"{peak0 / 1e9:.0f} GFLOP/s before, {peak1 / 1e9:.0f} after"
+        f"useful work: {per_token / 1e6:.0f} MFLOP per token; linear peak "
+        + ", ".join(
+            f"{k} {peak0[k] / 1e9:.0f} GFLOP/s before, {peak1[k] / 1e9:.0f} after" for k in kinds
+        )
     )
     print(
-        f"{'side':<19}{'tok/s':>8}{'GFLOP/s':>9}{'of peak':>8}{'peak RSS':>10}{'steps':>6}"
-        f"{'final loss':>11}{'eval loss':>10}"
+        f"{'side':<19}{'dtype':>6}{'tok/s':>8}{'GFLOP/s':>9}{'of peak':>8}{'peak RSS':>10}"
+        f"{'steps':>6}{'final loss':>11}{'eval loss':>10}"
     )
     best = {}
     for side in sides:
@@ -460,8 +502,10 @@ def compare(args: argparse.Namespace) -> None:
         tps = max(x["tokens_per_s"] for x in rs)
         best[side] = tps
         ev = f"{evals[side]:.4f}" if side in evals else "-"
+        kind = precision(side, bf16)
         print(
-            f"{side:<19}{tps:>8.1f}{tps * per_token / 1e9:>9.1f}{tps * per_token / peak:>8.1%}"
+            f"{side:<19}{kind:>6}{tps:>8.1f}{tps * per_token / 1e9:>9.1f}"
+            f"{tps * per_token / peak[kind]:>8.1%}"
             f"{min(x['peak_rss'] for x in rs) / 1e9:>8.2f}GB{rs[-1]['steps']:>6}"
             f"{rs[-1]['final_loss']:>11.4f}{ev:>10}"
         )
@@ -549,7 +593,11 @@ def main() -> None:
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--sides", default="loratool,peft-f32,peft-bf16,trl")
+    parser.add_argument(
+        "--sides",
+        default="",
+        help=f"comma list [{DEFAULT_SIDES} where bf16 is native, else {DEFAULT_SIDES_F32}]",
+    )
     parser.add_argument("--no-eval", action="store_true", help="skip the common evaluation")
     parser.add_argument("--docs", type=int, default=N_TRAIN, help="training documents [64]")
     parser.add_argument("--eval-docs", type=int, default=N_EVAL, help="held-out documents [32]")
