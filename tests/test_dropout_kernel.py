@@ -14,10 +14,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from cpu import isa_levels
 
 from loratool import lora
 from loratool.lora import layer
@@ -103,16 +103,6 @@ def test_a_step_with_dropout_has_the_torch_paths_gradients(monkeypatch: pytest.M
     assert used[2:] == [True, True]
 
 
-def _isas() -> list[str]:
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
-    isas = ["base"]
-    if all(f in flags for f in ("avx2", "fma", "bmi2")):
-        isas.append("v3")
-        if all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq")):
-            isas.append("v4")
-    return isas
-
-
 CHECK = """
 import sys, torch
 from loratool.lora import kernel
@@ -126,7 +116,7 @@ for shape in ((1, 1), (3, 5), (7, 1001), (2, 4096 * 3 + 5)):
 """
 
 
-@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("isa", isa_levels())
 def test_every_instruction_set_gives_the_numpy_masks(isa: str) -> None:
     done = subprocess.run(
         [sys.executable, "-c", CHECK, isa],

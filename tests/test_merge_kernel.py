@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cpu import isa_levels
 
 from loratool.merging import delta
 from loratool.stream import byte_view
@@ -99,17 +100,7 @@ def check_all() -> None:
     assert not all(torch.isfinite(torch.tensor(rg.sums[1:])))
 
 
-def _isas() -> list[str]:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    isas = ["base"]
-    if all(f in flags.split() for f in ("avx2", "fma", "bmi2")):
-        isas.append("v3")
-        if all(f in flags.split() for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq")):
-            isas.append("v4")
-    return isas
-
-
-@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("isa", isa_levels())
 def test_kernel_matches_the_torch_path(isa: str) -> None:
     _kernel_or_skip()
     env = {**os.environ, "KERNEL_ISA": isa, "LORATOOL_MERGE_KERNEL": isa}

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from cpu import isa_levels
 
 from loratool.stream import byte_view
 from loratool.training import attention, recompute
@@ -119,16 +120,6 @@ def check_norm(isa: str) -> None:
             assert float((a != b).float().mean()) < 0.01  # the same bf16 values, nearly all
 
 
-def _isas() -> list[str]:
-    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
-    isas = ["base"]
-    if all(f in flags for f in ("avx2", "fma", "bmi2")):
-        isas.append("v3")
-        if all(f in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq")):
-            isas.append("v4")
-    return isas
-
-
 def _built() -> None:
     try:
         from loratool.training import kernel  # noqa: F401
@@ -138,7 +129,7 @@ def _built() -> None:
         pytest.skip("no C compiler: the kernel is not built (the torch path runs)")
 
 
-@pytest.mark.parametrize("isa", _isas())
+@pytest.mark.parametrize("isa", isa_levels())
 def test_kernels_match_the_torch_paths(isa: str) -> None:
     _built()
     code = (
