@@ -394,8 +394,8 @@ def native_bf16() -> bool:
 
 
 def precision(side: str, bf16: bool) -> str:
-    """The precision a side's matmuls run in: loratool follows --dtype auto; PEFT as named; TRL
-    with its default bf16=True where bf16 is native, else as ``trl-f32`` (bf16=False)."""
+    """The precision a side's matmuls run in: loratool's follows --dtype auto (``bf16``: native
+    here); ``*-f32`` sides fp32; ``peft-bf16`` and ``trl`` (its default bf16=True) bf16."""
     if side.startswith("loratool"):
         return "bf16" if bf16 else "f32"
     return "f32" if side.endswith("f32") else "bf16"
@@ -443,7 +443,7 @@ def compare(args: argparse.Namespace) -> None:
     bf16 = native_bf16()
     sides = (args.sides or (DEFAULT_SIDES if bf16 else DEFAULT_SIDES_F32)).split(",")
     print(f"load average before: {load()}", flush=True)
-    kinds = sorted({precision(s, bf16) for s in sides} | {"f32", "bf16"})
+    kinds = ["bf16", "f32"]  # both peaks, whichever the sides use
     peak0 = {k: matmul_peak(k) for k in kinds}
     if not bf16 and not args.sides:
         print(
