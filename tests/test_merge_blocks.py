@@ -26,6 +26,18 @@ def weights(path: Path) -> dict[str, bytes]:
     return {k: bytes(ckpt.read_bytes(k)) for k in ckpt.entries}
 
 
+def same_records(x: Any, y: Any) -> None:
+    """Two merges' reports agree per target: fidelity sums and round-trip counts."""
+    for a, b in zip(x.targets, y.targets, strict=True):
+        assert (a.key, a.delta_norm, a.applied_norm, a.error_norm) == (
+            b.key,
+            b.delta_norm,
+            b.applied_norm,
+            b.error_norm,
+        )
+        assert (a.roundtrip_off, a.roundtrip_max_ulp) == (b.roundtrip_off, b.roundtrip_max_ulp)
+
+
 def merge_both(
     base: Path, adapter: Path, tmp: Path, monkeypatch: pytest.MonkeyPatch, **kw: Any
 ) -> tuple[Any, Any, list[str]]:
@@ -59,14 +71,7 @@ def test_blocks_give_the_whole_tensor_merge(
     blocks, whole, seen = merge_both(tiny_sharded_llama_dir, a, tmp_path, monkeypatch, **extra)
     assert sorted(seen) == sorted(t.key for t in whole.targets)  # every weight went in blocks
     assert weights(tmp_path / "blocks") == weights(tmp_path / "whole")
-    for b, w in zip(blocks.targets, whole.targets, strict=True):
-        assert (b.key, b.delta_norm, b.applied_norm, b.error_norm) == (
-            w.key,
-            w.delta_norm,
-            w.applied_norm,
-            w.error_norm,
-        )
-        assert (b.roundtrip_off, b.roundtrip_max_ulp) == (w.roundtrip_off, w.roundtrip_max_ulp)
+    same_records(blocks, whole)
     if extra.get("reversible"):
         sb, sw = blocks.sidecar, whole.sidecar
         if sb is None or sw is None:  # written next to the output rather than returned
@@ -105,14 +110,7 @@ def test_blocks_on_raw_bytes_are_the_tensor_blocks(
     calls.clear()
     views = loratool.merge(tiny_sharded_llama_dir, [a], tmp_path / "views")
     assert not calls and weights(tmp_path / "raw") == weights(tmp_path / "views")
-    for r, v in zip(raw.targets, views.targets, strict=True):
-        assert (r.key, r.delta_norm, r.applied_norm, r.error_norm) == (
-            v.key,
-            v.delta_norm,
-            v.applied_norm,
-            v.error_norm,
-        )
-        assert (r.roundtrip_off, r.roundtrip_max_ulp) == (v.roundtrip_off, v.roundtrip_max_ulp)
+    same_records(raw, views)
 
 
 def test_block_merge_unmerges_back(
