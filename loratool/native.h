@@ -10,6 +10,17 @@
 #define X86_TARGETS /* "arch=x86-64-v3/v4" targets: GCC 11 and later */
 #endif
 
+/* DEF(suffix, attribute) once per level a pass is built for: base, then v3 and v4 where GCC can
+   target them (``isa_level`` below picks one at import). */
+#ifdef X86_TARGETS
+#define PER_ISA(DEF)                                                                            \
+    DEF(base, )                                                                                 \
+    DEF(v3, __attribute__((target("arch=x86-64-v3"))))                                          \
+    DEF(v4, __attribute__((target("arch=x86-64-v4"))))
+#else
+#define PER_ISA(DEF) DEF(base, )
+#endif
+
 /* 4 (AVX-512), 3 (AVX2 + FMA) or 0: the widest this CPU has, or a narrower one that ``want``
    names ("base", "v3": the tests run every level the machine can). */
 static int isa_level(const char *want) {

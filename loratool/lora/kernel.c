@@ -42,11 +42,7 @@ typedef void (*Mask)(uint64_t, uint64_t, uint32_t, uint8_t *);
     ATTR static void mask_##SFX(uint64_t seed, uint64_t first, uint32_t thr, uint8_t *keep) {   \
         MASK_LOOP                                                                               \
     }
-MASK(base, )
-#ifdef X86_TARGETS
-MASK(v3, __attribute__((target("arch=x86-64-v3"))))
-MASK(v4, __attribute__((target("arch=x86-64-v4"))))
-#endif
+PER_ISA(MASK)
 
 static Mask M;
 static const char *ISA;

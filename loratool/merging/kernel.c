@@ -182,11 +182,7 @@ typedef struct {
                                         bf16_back_##SFX,  f32_apart_##SFX,                      \
                                         f32_inplace_##SFX, f32_back_##SFX};
 
-PASSES(base, )
-#ifdef X86_TARGETS
-PASSES(v3, __attribute__((target("arch=x86-64-v3"))))
-PASSES(v4, __attribute__((target("arch=x86-64-v4"))))
-#endif
+PER_ISA(PASSES)
 
 static const Passes *P;
 static const char *ISA;

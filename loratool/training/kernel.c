@@ -59,11 +59,7 @@ typedef void (*Pass)(const uint16_t *, const uint16_t *, const uint16_t *, const
         SWIGLU_LOOP                                                                             \
     }
 
-PASS(base, )
-#ifdef X86_TARGETS
-PASS(v3, __attribute__((target("arch=x86-64-v3"))))
-PASS(v4, __attribute__((target("arch=x86-64-v4"))))
-#endif
+PER_ISA(PASS)
 
 /* -- attention ------------------------------------------------------------------------------ */
 
@@ -146,11 +142,7 @@ typedef void (*AttBwd)(const uint16_t *, const uint16_t *, uint16_t *, uint16_t 
         }                                                                                       \
     }
 
-ATT(base, )
-#ifdef X86_TARGETS
-ATT(v3, __attribute__((target("arch=x86-64-v3"))))
-ATT(v4, __attribute__((target("arch=x86-64-v4"))))
-#endif
+PER_ISA(ATT)
 
 /* -- RMSNorm --------------------------------------------------------------------------------- */
 
@@ -196,11 +188,7 @@ typedef void (*NormBwd)(const uint16_t *, const uint16_t *, const float *, const
         }                                                                                       \
     }
 
-NORM(base, )
-#ifdef X86_TARGETS
-NORM(v3, __attribute__((target("arch=x86-64-v3"))))
-NORM(v4, __attribute__((target("arch=x86-64-v4"))))
-#endif
+PER_ISA(NORM)
 
 static Pass P;
 static NormFwd NORM_F;
