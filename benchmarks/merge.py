@@ -8,6 +8,8 @@ never leaks into a child's figure; ``os.wait4`` rusage where it is missing):
   peft      python -c: AutoModelForCausalLM.from_pretrained + PeftModel.from_pretrained
             + merge_and_unload + save_pretrained (the whole model in memory, fp32 ΔW for bf16)
   floor     cp -r BASE OUT, then python -c "import torch"   (the least any merge can cost)
+  floor-sync  the same, then an fsync of every file copied  (the least a durable merge can cost:
+            loratool fsyncs its output before the rename; on a slow disk that is most of its wall)
 
 Models: SmolLM2-135M (fp32, one file; fixtures/models.py) and synthetic sharded bf16 Llamas
 (benchmarks/make_synthetic_llama.py), built once into the benchmark cache (``.cache/bench/``,
@@ -196,6 +198,19 @@ def check_equal(ours: Path, peft_out: Path) -> float:
     return worst
 
 
+# The durable floor's second step: loratool's output is fsynced before it is renamed into place
+# (an atomic write survives a crash), which on a slow disk costs more wall than the copy.
+SYNC_SCRIPT = """
+import os, sys
+import torch
+for top, _, files in os.walk(sys.argv[1]):
+    for name in files:
+        fd = os.open(os.path.join(top, name), os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+"""
+
+
 # -- per-phase CPU of one in-process merge ------------------------------------------------------
 
 PHASES = (  # (module, attribute, phase): each call's thread CPU time is added to its phase
@@ -275,6 +290,7 @@ def bench(name: str, args: argparse.Namespace, env: dict[str, str]) -> dict[str,
         "loratool": [[*merge_cmd, "--device", args.device, "--json"]],
         "peft": [[py, "-c", PEFT_SCRIPT, str(base), str(peft_dir), str(out)]],
         "floor": [["cp", "-r", str(base), str(out)], [py, "-c", "import torch"]],
+        "floor-sync": [["cp", "-r", str(base), str(out)], [py, "-c", SYNC_SCRIPT, str(out)]],
     }
     commands = {k: v for k, v in commands.items() if k in args.sides}
     sides = {k: Side(k) for k in commands}
@@ -338,7 +354,7 @@ def print_result(r: dict[str, object], args: argparse.Namespace) -> None:
     print(f"{'side':<10}{'wall s':>8}{'CPU s':>8}{'RSS GB':>8}")
     for side in s.values():
         print(f"{side.name:<10}{side.wall:>8.2f}{side.cpu:>8.2f}{side.rss / 1e9:>8.2f}")
-    lt, pf, fl = s.get("loratool"), s.get("peft"), s.get("floor")
+    lt, pf, fl, fs = s.get("loratool"), s.get("peft"), s.get("floor"), s.get("floor-sync")
     if lt is not None and pf is not None:
         print(
             f"loratool vs PEFT : {_ratio(pf.wall, lt.wall)} faster wall (goal >= 3.5x), "
@@ -353,6 +369,11 @@ def print_result(r: dict[str, object], args: argparse.Namespace) -> None:
         print(
             f"loratool vs floor: {_ratio(lt.wall, fl.wall)} its wall, {_ratio(lt.cpu, fl.cpu)} "
             f"its CPU (goals <= 1.5x both)"
+        )
+    if lt is not None and fs is not None:
+        print(
+            f"loratool vs floor-sync (a durable copy, as loratool's output is): "
+            f"{_ratio(lt.wall, fs.wall)} its wall, {_ratio(lt.cpu, fs.cpu)} its CPU"
         )
     ph = r["phases"]
     if isinstance(ph, dict):
@@ -384,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    ap.add_argument("--sides", default="loratool,peft,floor", help="comma list of sides to run")
+    ap.add_argument(
+        "--sides", default="loratool,peft,floor,floor-sync", help="comma list of sides to run"
+    )
     ap.add_argument("--no-phases", action="store_true", help="skip the per-phase profile")
     ap.add_argument(
         "--workdir", type=Path, default=CACHE, help="where outputs go (same disk as the bases)"
