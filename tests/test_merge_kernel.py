@@ -51,13 +51,31 @@ def _weights(dtype: torch.dtype, rows: int, cols: int, seed: int) -> tuple[torch
     return W, L, R
 
 
+def _fuses_product() -> bool:
+    try:
+        from loratool.merging import kernel
+    except ImportError:
+        return False
+    return kernel.fuses_product
+
+
 def _merge(W, L, R, *, roundtrip, collect, inplace, fused):  # type: ignore[no-untyped-def]
     W = W.clone()
     out = W if inplace else torch.empty_like(W)
     os.environ["LORATOOL_MERGE_KERNEL"] = os.environ.get("KERNEL_ISA", "1") if fused else "0"
+    # where the kernel also makes the product (v3), the torch path sums it in the same order
+    sequential = not fused and not collect and _fuses_product()
     b = delta.DeltaBlocks(
-        L, R, W.dtype, W.dtype, torch.device("cpu"), roundtrip=roundtrip, collect=collect
+        L,
+        R,
+        W.dtype,
+        W.dtype,
+        torch.device("cpu"),
+        roundtrip=roundtrip,
+        collect=collect,
+        sequential=sequential,
     )
+    assert b.lowrank == (fused and not collect and _fuses_product())
     assert (b.kernel is not None) == fused
     for i in range(0, W.shape[0], b.step):
         k = min(b.step, W.shape[0] - i)
@@ -140,3 +158,42 @@ def test_kernel_off_switch_runs_the_torch_path(monkeypatch: pytest.MonkeyPatch) 
         torch.zeros(4, 2), torch.zeros(2, 8), torch.bfloat16, torch.bfloat16, torch.device("cpu")
     )
     assert b.kernel is None
+
+
+def test_fused_product_refuses_bad_buffers() -> None:
+    kernel = _kernel_or_skip()
+    if not kernel.fuses_product:  # type: ignore[attr-defined]
+        pytest.skip(f"the product is fused at v3 only; this CPU runs {kernel.isa}")  # type: ignore[attr-defined]
+    raw = byte_view
+    w = torch.zeros(3, 40, dtype=torch.bfloat16)
+    left, right = torch.zeros(3, 4), torch.zeros(4, 40)
+    packed = delta.pack_right(right)
+    assert packed.shape == (2, 4, 32)  # 40 columns: two groups of 32, the second padded
+    lowrank = kernel.merge_lowrank  # type: ignore[attr-defined]
+    assert lowrank(raw(w), raw(left), raw(packed), raw(w), 2, 4, 40, True) == (0.0, 0.0, 0, 0)
+    with pytest.raises(ValueError, match="sizes"):
+        lowrank(raw(w), raw(left), raw(right), raw(w), 2, 4, 40, True)  # R not packed
+    with pytest.raises(ValueError, match="sizes"):
+        lowrank(raw(w), raw(left[:2]), raw(packed), raw(w), 2, 4, 40, True)
+    with pytest.raises(ValueError, match="sizes"):
+        lowrank(raw(w[:, :20]), raw(left), raw(packed), raw(w[:, 20:]), 2, 4, 40, True)
+    with pytest.raises(ValueError, match="itemsize"):
+        lowrank(raw(w), raw(left), raw(packed), raw(w), 3, 4, 40, True)
+    flat = torch.zeros(240, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="overlap"):
+        lowrank(raw(flat[:120]), raw(left), raw(packed), raw(flat[60:180]), 2, 4, 40, True)
+
+
+def test_sequential_product_is_the_product() -> None:
+    """The fused product's torch twin: L·R summed over k in order, each product rounded and
+    added; the same as a float64 product to fp32 rounding, and exactly that order."""
+    g = torch.Generator().manual_seed(5)
+    L, R = torch.randn(37, 16, generator=g), torch.randn(16, 300, generator=g)
+    out = torch.empty(37, 300)
+    delta.sequential_product(L, R, out)
+    exact = (L.double() @ R.double()).float()
+    assert torch.allclose(out, exact, rtol=1e-5, atol=1e-5)
+    want = L[:, 0:1] * R[0]
+    for k in range(1, 16):
+        want = want + L[:, k : k + 1] * R[k]
+    assert torch.equal(out, want)

@@ -2,9 +2,11 @@
 
 Numerics (``apply_delta``, one function for the CPU and CUDA):
   * ΔW = Σ wᵢ·scaleᵢ·Bᵢ·Aᵢ is one matrix product of the stacked factors (an exact sum of the
-    adapters), in fp32 — or in fp64 rounded once to fp32, which gives the correctly rounded ΔW
-    whatever the BLAS, device or thread count: used on CUDA (no TF32 either) and for reversible
-    merges, whose sidecar must match what a later unmerge on any device computes;
+    adapters), in fp32 (the BLAS's, or on an AVX2 CPU the fused pass's: summed over k in
+    order, ``sequential_product`` — its last bit is not the BLAS's) — or in fp64 rounded once
+    to fp32, which gives the correctly rounded ΔW whatever the BLAS, device or thread count:
+    used on CUDA (no TF32 either) and for reversible merges, whose sidecar must match what a
+    later unmerge on any device computes;
   * ΔW is added in fp32 to the exact fp32 upcast of W and the sum is rounded once to the output
     dtype (fp64 throughout when the weight or the output is fp64), as PEFT does;
   * ``kind`` linear adds ΔW; conv1d (GPT-2 ``Conv1D``, stored [in, out]) and embedding add ΔWᵀ.
@@ -124,6 +126,7 @@ class DeltaBlocks:
         *,
         roundtrip: bool = False,
         collect: bool = False,
+        sequential: bool = False,
     ) -> None:
         import torch
 
@@ -145,6 +148,19 @@ class DeltaBlocks:
         # add_bytes can run: the fused pass on an fp32 product, nothing to gather
         self.raw = self.kernel is not None and not collect and self.d is self.prod
         self._prod_bytes = byte_view(self.prod) if self.raw else memoryview(b"")
+        # the product made in the pass too (kernel.fuses_product: v3), for fp32 factors
+        self.lowrank = (
+            self.kernel is not None
+            and getattr(self.kernel, "fuses_product", False)
+            and left.dtype == torch.float32
+            and not collect
+        )
+        # the torch path's product summed as the fused product sums it (its twin, for tests)
+        self.sequential = sequential
+        if self.lowrank:
+            self._left_bytes = byte_view(left)
+            self._packed_right = pack_right(right)
+            self._packed = byte_view(self._packed_right)
         self.fused = [0.0, 0.0]  # its fp64 sums
         self.res = DeltaResult([0.0, 0.0, 0.0])
         self.idx_parts: list[torch.Tensor] = []
@@ -170,8 +186,14 @@ class DeltaBlocks:
         import torch
 
         k = wb.shape[0]
+        if self.lowrank:
+            self._lowrank(i, k, byte_view(wb), byte_view(ob), wb.element_size())
+            return
         prod, dd, ww, rr = self.prod, self.d[:k], self.w[:k], self.r[:k]
-        torch.mm(self.left[i : i + k], self.right, out=prod[:k])
+        if self.sequential:
+            sequential_product(self.left[i : i + k], self.right, prod[:k])
+        else:
+            torch.mm(self.left[i : i + k], self.right, out=prod[:k])
         if dd.data_ptr() != prod.data_ptr():
             dd.copy_(prod[:k])  # the one rounding of the product, fp64 → fp32
         if self.kernel is not None and wb.numel():
@@ -206,11 +228,34 @@ class DeltaBlocks:
         n = k * self.cols
         if n == 0:
             return
+        if self.lowrank:
+            self._lowrank(i, k, wb, ob, len(wb) // n)
+            return
         torch.mm(
             self.left[i : i + k], self.right, out=self.prod if k == self.step else self.prod[:k]
         )
         s1, s2, off, ulp, _ = self.kernel.merge_block(
             wb, self._prod_bytes[: 4 * n], ob, len(wb) // n, self.back is not None
+        )
+        self.fused[0] += s1
+        self.fused[1] += s2
+        self.res.off += off
+        self.res.max_ulp = max(self.res.max_ulp, ulp)
+
+    def _lowrank(self, i: int, k: int, wb: memoryview, ob: memoryview, itemsize: int) -> None:
+        """Rows ``i:i+k``, the product made in the fused pass (``merge_lowrank``)."""
+        if not len(wb):
+            return
+        r = self.left.shape[1]
+        s1, s2, off, ulp = self.kernel.merge_lowrank(
+            wb,
+            self._left_bytes[4 * r * i : 4 * r * (i + k)],
+            self._packed,
+            ob,
+            itemsize,
+            r,
+            self.cols,
+            self.back is not None,
         )
         self.fused[0] += s1
         self.fused[1] += s2
@@ -264,6 +309,27 @@ class DeltaBlocks:
             res.index = torch.cat(self.idx_parts)
             res.value = torch.cat(self.val_parts)
         return res
+
+
+def sequential_product(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> None:
+    """``out ← left @ right`` summed as the fused pass sums it (kernel.c, row_product_avx2):
+    over k in order from 0, each product rounded in the factors' dtype and then added."""
+    import torch
+
+    torch.mul(left[:, :1], right[:1], out=out)
+    for k in range(1, left.shape[1]):
+        out.add_(left[:, k : k + 1] * right[k : k + 1])
+
+
+def pack_right(right: torch.Tensor) -> torch.Tensor:
+    """R ``[r, cols]`` (fp32) as the fused pass reads it: ``[⌈cols/32⌉, r, 32]``, zero-padded, so
+    each step of its sum reads 32 contiguous columns of one row of R."""
+    import torch.nn.functional as F
+
+    r, cols = right.shape
+    groups = (cols + 31) // 32
+    padded = F.pad(right, (0, groups * 32 - cols))
+    return padded.view(r, groups, 32).permute(1, 0, 2).contiguous()
 
 
 _local = threading.local()  # per thread: its CPU scratch buffers (_scratch)
