@@ -217,7 +217,7 @@ PHASES = (  # (module, attribute, phase): each call's thread CPU time is added t
     ("loratool.merging.merger", "prepare", "check + plan + adapter digests"),
     ("loratool.merging.compute", "delta_factors", "ΔW factors (load, scale, stack)"),
     ("loratool.merging.compute", "apply_delta", "W + L·R, round, fidelity sums (total)"),
-    ("loratool.merging.delta", "_misses", "  of which round-trip compare"),
+    ("loratool.merging.delta", "misses", "  of which round-trip compare"),
     ("loratool.checkpoint:Checkpoint", "read_into", "read targeted weights (pread)"),
     ("loratool.merging.delta:DeltaBlocks", "add", "W + L·R, round, fidelity sums (blocks)"),
     ("loratool.merging.delta:DeltaBlocks", "add_bytes", "W + L·R, round, fidelity sums (blocks)"),

@@ -18,7 +18,7 @@ import pytest
 import torch
 from cpu import isa_levels
 
-from loratool.merging import delta
+from loratool.merging import delta, ulp
 from loratool.stream import byte_view
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +84,7 @@ def _merge(W, L, R, *, roundtrip, collect, inplace, fused):  # type: ignore[no-u
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    ints = delta.int_view(a.dtype)
+    ints = ulp.int_view(a.dtype)
     return torch.equal(a.contiguous().view(ints), b.contiguous().view(ints))
 
 

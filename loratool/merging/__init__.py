@@ -8,6 +8,7 @@ The package, one job per module (each imports only modules listed before it):
   * ``report`` — ``MergeReport``, ``TargetReport``, ``ProgressEvent``: what a run did;
   * ``inputs`` — the base (checkpoint or state dict) and the adapters, opened and digested;
   * ``plan`` — which weights change, into which dtype, checked before anything is written;
+  * ``ulp`` — float bits as integers: ULP distances, the torch path's round-trip compare;
   * ``delta`` — ``apply_delta``: the ΔW arithmetic and its rounding, the same on every device;
   * ``compute`` — one planned weight applied, checked and reported; the state-dict loop;
   * ``pipeline`` — the streaming reader/worker threads and buffer pools over the shards;

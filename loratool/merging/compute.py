@@ -18,7 +18,6 @@ from .delta import (
     as2d,
     check_finite,
     delta_factors,
-    int_view,
     target_report,
 )
 from .dense import compute_dense, needs_dense
@@ -26,6 +25,7 @@ from .inputs import MemoryCheckpoint
 from .plan import Job
 from .report import Progress, TargetReport
 from .sidecar import Spool
+from .ulp import int_view
 
 if TYPE_CHECKING:
     import torch

@@ -25,27 +25,13 @@ from ..native import compiled
 from ..stream import byte_view
 from .plan import Job
 from .report import TargetReport
+from .ulp import misses
 
 if TYPE_CHECKING:
     import torch
 
 
 _BLOCK = 1 << 17  # elements per block of rows on the CPU: the fp32 temporaries stay in L2
-
-
-def int_view(dtype: torch.dtype) -> torch.dtype:
-    import torch
-
-    return {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
-
-
-def _ordered(bits: torch.Tensor) -> torch.Tensor:
-    """Sign-magnitude float bits → integers in the floats' order (±0 → 0): ULPs are differences."""
-    import torch
-
-    x = bits.to(torch.int64)
-    mag = x & ((1 << (bits.element_size() * 8 - 1)) - 1)
-    return torch.where(x < 0, -mag, mag)
 
 
 def delta_factors(job: Job, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,7 +197,9 @@ class DeltaBlocks:
             torch.sub(rr, dd, out=self.r2[:k])  # what unmerge computes, then its rounding
             bb.copy_(self.r2[:k])
             parts = self.idx_parts if self.collect else None
-            _misses(bb, wb, i * self.cols, self.res, parts, self.val_parts)
+            off, top = misses(bb, wb, i * self.cols, parts, self.val_parts)
+            self.res.off += off
+            self.res.max_ulp = max(self.res.max_ulp, top)
         rr.sub_(ww)  # W' − W, exact in the common case (Sterbenz)
         self.sums[0].append(torch.dot(rv, rv))
         rr.sub_(dd)
@@ -355,58 +343,6 @@ def _scratch(device: torch.device) -> dict[str, torch.Tensor]:
     if cache is None:
         cache = _local.scratch = {}
     return cache
-
-
-def _misses(
-    got: torch.Tensor,
-    want: torch.Tensor,
-    start: int,
-    res: DeltaResult,
-    idx_parts: list[torch.Tensor] | None,
-    val_parts: list[torch.Tensor],
-) -> None:
-    """Count the elements whose bits differ (and their max ULP distance); gather them if asked.
-
-    On the CPU in numpy (few calls per block: per-call overhead dominates torch here), on a GPU
-    in torch; the ULP distance is the difference of the bits read as sign-magnitude integers.
-    """
-    import torch
-
-    ints = int_view(want.dtype)
-    g, w = got.view(ints).reshape(-1), want.view(ints).reshape(-1)
-    if g.device.type == "cpu":
-        import numpy as np
-
-        gn, wn = g.numpy(), w.numpy()
-        # Same-sign pairs: the ULP distance is the difference of the bit patterns, which fits
-        # their own width; opposite signs (rare: the value crossed zero) wrap, and are redone.
-        diff = np.subtract(gn, wn)
-        count = int(np.count_nonzero(diff))
-        if not count:
-            return
-        res.off += count
-        signs = np.bitwise_xor(gn, wn)  # negative where the signs differ
-        if int(signs.min()) < 0:
-            at = np.flatnonzero(signs < 0)
-            mask = (1 << (8 * wn.itemsize - 1)) - 1
-            span = (gn[at].astype(np.int64) & mask) + (wn[at].astype(np.int64) & mask)
-            res.max_ulp = max(res.max_ulp, int(span.max()))
-            diff[at] = 0
-        res.max_ulp = max(res.max_ulp, int(diff.max()), -int(diff.min()))
-        if idx_parts is not None:
-            flat = np.flatnonzero(gn != wn)
-            idx_parts.append(torch.from_numpy(flat + start))
-            val_parts.append(torch.from_numpy(wn[flat]).view(want.dtype))
-        return
-    flat_t = (g != w).nonzero().squeeze(1)
-    if not flat_t.numel():
-        return
-    gt, wt = g[flat_t], w[flat_t]
-    res.off += int(flat_t.numel())
-    res.max_ulp = max(res.max_ulp, int((_ordered(gt) - _ordered(wt)).abs().max()))
-    if idx_parts is not None:
-        idx_parts.append((flat_t + start).cpu())
-        val_parts.append(wt.view(want.dtype).cpu())
 
 
 def check_finite(

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from .. import kinds
 from ..errors import CompatibilityError
-from .delta import DeltaResult, int_view
+from .delta import DeltaResult
+from .ulp import int_view
 
 if TYPE_CHECKING:
     import torch
