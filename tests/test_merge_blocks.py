@@ -43,6 +43,7 @@ def merge_both(
 ) -> tuple[Any, Any, list[str]]:
     """The same merge with every weight in blocks, and with none (whole tensors, in place)."""
     monkeypatch.setattr(delta, "_BLOCK", 300)  # many blocks per weight, a ragged last one
+    monkeypatch.setattr(delta, "_FUSED_BLOCK", 300)  # the same where the product is fused
     seen: list[str] = []
     real = pipeline._blockwise
 
@@ -89,6 +90,7 @@ def test_blocks_on_raw_bytes_are_the_tensor_blocks(
     if delta._kernel(torch.device("cpu"), torch.bfloat16, torch.bfloat16) is None:
         pytest.skip("the C pass was not built")
     monkeypatch.setattr(delta, "_BLOCK", 300)
+    monkeypatch.setattr(delta, "_FUSED_BLOCK", 300)
     a = save(make_adapter(tiny_sharded_llama_dir), tmp_path / "a.safetensors")
     calls: list[int] = []
     real = delta.DeltaBlocks.add_bytes
@@ -118,6 +120,7 @@ def test_block_merge_unmerges_back(
 ) -> None:
     """A reversible merge made in blocks restores the base exactly (hashes verified)."""
     monkeypatch.setattr(delta, "_BLOCK", 300)
+    monkeypatch.setattr(delta, "_FUSED_BLOCK", 300)
     a = save(make_adapter(tiny_sharded_llama_dir), tmp_path / "a.safetensors")
     loratool.merge(tiny_sharded_llama_dir, [a], tmp_path / "m", reversible=True)
     loratool.unmerge(tmp_path / "m", [a], tmp_path / "u")
