@@ -209,6 +209,24 @@ AVX2 static inline __m256i bf16_down8(__m256 f) {
     return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(nan));
 }
 
+/* A chunk's lanes summed: the fidelity sums into c1 and c2 (fp32), the largest distance into
+   max_ulp; returns how many lanes' round trips gave W back. */
+AVX2 static inline int64_t lanes(__m256 a1, __m256 a2, __m256i eq, __m256i top, float *c1,
+                                 float *c2, int64_t *max_ulp) {
+    float l1[8], l2[8];
+    int32_t le[8], lt[8];
+    _mm256_storeu_ps(l1, a1);
+    _mm256_storeu_ps(l2, a2);
+    _mm256_storeu_si256((__m256i *)le, eq);
+    _mm256_storeu_si256((__m256i *)lt, top);
+    int64_t same = 0;
+    for (int k = 0; k < 8; k++) {
+        *c1 += l1[k], *c2 += l2[k], same += le[k];
+        *max_ulp = lt[k] > *max_ulp ? lt[k] : *max_ulp;
+    }
+    return same;
+}
+
 /* The bf16 pass (BF16_LOOP without ``back``) at v3, by hand: GCC's vectorization of the macro
    runs 16 lanes at a time and spills, 3x slower with ``roundtrip``. The same operations in
    the same order per element, so the same bits, misses and ULP distances; the sums are fp32
@@ -217,8 +235,7 @@ AVX2 static inline __m256i bf16_down8(__m256 f) {
 AVX2 static void bf16_pass_avx2(const uint16_t *src, const float *d, uint16_t *dst,
                                 Py_ssize_t n, int roundtrip, Sums *out) {
     double s1 = 0.0, s2 = 0.0;
-    int64_t off = 0;
-    int32_t max_ulp = 0;
+    int64_t off = 0, max_ulp = 0;
     const __m256i low15 = _mm256_set1_epi32(0x7FFF);
     for (Py_ssize_t c = 0; c < n; c += CHUNK) {
         Py_ssize_t end = c + CHUNK < n ? c + CHUNK : n, i = c;
@@ -248,18 +265,8 @@ AVX2 static void bf16_pass_avx2(const uint16_t *src, const float *d, uint16_t *d
                 top = _mm256_max_epi32(top, _mm256_blendv_epi8(dist, span, apart));
             }
         }
-        float l1[8], l2[8];
-        int32_t le[8], lt[8];
-        _mm256_storeu_ps(l1, a1);
-        _mm256_storeu_ps(l2, a2);
-        _mm256_storeu_si256((__m256i *)le, eq);
-        _mm256_storeu_si256((__m256i *)lt, top);
         float c1 = 0.0f, c2 = 0.0f;
-        int64_t same = 0;
-        for (int k = 0; k < 8; k++) {
-            c1 += l1[k], c2 += l2[k], same += le[k];
-            max_ulp = lt[k] > max_ulp ? lt[k] : max_ulp;
-        }
+        int64_t same = lanes(a1, a2, eq, top, &c1, &c2, &max_ulp);
         if (roundtrip) off += (i - c) - same;
         for (; i < end; i++) { /* the tail, as BF16_LOOP */
             uint32_t wb = src[i];
@@ -318,18 +325,8 @@ AVX2 static void f32_pass_avx2(const float *src, const float *d, float *dst, Py_
                 }
             }
         }
-        float l1[8], l2[8];
-        int32_t le[8], lt[8];
-        _mm256_storeu_ps(l1, a1);
-        _mm256_storeu_ps(l2, a2);
-        _mm256_storeu_si256((__m256i *)le, eq);
-        _mm256_storeu_si256((__m256i *)lt, top);
         float c1 = 0.0f, c2 = 0.0f;
-        int64_t same = 0;
-        for (int k = 0; k < 8; k++) {
-            c1 += l1[k], c2 += l2[k], same += le[k];
-            max_ulp = lt[k] > max_ulp ? lt[k] : max_ulp;
-        }
+        int64_t same = lanes(a1, a2, eq, top, &c1, &c2, &max_ulp);
         if (roundtrip) off += (i - c) - same;
         for (; i < end; i++) { /* the tail, as F32_LOOP */
             float w = src[i], dd = d[i];
@@ -526,6 +523,16 @@ static int get(PyObject *obj, Py_buffer *view, int writable, const char *what) {
     return 0;
 }
 
+/* Whether dst overlaps src without being it (an error is set): in place is one buffer. */
+static int overlap(const Py_buffer *src, const Py_buffer *dst, const char *fn) {
+    const char *sb = src->buf, *db = dst->buf;
+    if (sb != db && sb < db + dst->len && db < sb + src->len) {
+        PyErr_Format(PyExc_ValueError, "%s: src and dst overlap without being one", fn);
+        return 1;
+    }
+    return 0;
+}
+
 /* merge_block(src, delta, dst, itemsize, roundtrip, index=None, values=None, start=0,
                scratch=None) -> (s1, s2, off, max_ulp, gathered)
 
@@ -567,11 +574,7 @@ static PyObject *merge_block(PyObject *self, PyObject *args, PyObject *kwargs) {
         PyErr_SetString(PyExc_ValueError, "merge_block: buffer sizes do not match");
         goto fail_all;
     }
-    const char *sb = src.buf, *db = dst.buf;
-    if (sb != db && sb < db + dst.len && db < sb + src.len) {
-        PyErr_SetString(PyExc_ValueError, "merge_block: src and dst overlap without being one");
-        goto fail_all;
-    }
+    if (overlap(&src, &dst, "merge_block")) goto fail_all;
     Sums s;
     Py_ssize_t gathered = 0;
     Py_BEGIN_ALLOW_THREADS;
@@ -660,16 +663,11 @@ static PyObject *merge_lowrank(PyObject *self, PyObject *args) {
     if (get(dst_o, &dst, 1, "dst") < 0) goto fail_r;
     Py_ssize_t rows = l.len / (4 * rank);
     if (l.len % (4 * rank) || r.len != (cols + 31) / 32 * 32 * rank * 4 ||
-        src.len != rows * cols * itemsize ||
-        dst.len != src.len) {
+        src.len != rows * cols * itemsize || dst.len != src.len) {
         PyErr_SetString(PyExc_ValueError, "merge_lowrank: buffer sizes do not match");
         goto fail_all;
     }
-    const char *sb = src.buf, *db = dst.buf;
-    if (sb != db && sb < db + dst.len && db < sb + src.len) {
-        PyErr_SetString(PyExc_ValueError, "merge_lowrank: src and dst overlap without being one");
-        goto fail_all;
-    }
+    if (overlap(&src, &dst, "merge_lowrank")) goto fail_all;
     Sums s = {0.0, 0.0, 0, 0};
     Py_BEGIN_ALLOW_THREADS;
     LOWRANK(src.buf, l.buf, r.buf, dst.buf, rows, rank, cols, itemsize, roundtrip, &s);
