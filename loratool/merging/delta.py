@@ -305,7 +305,7 @@ class DeltaBlocks:
 
 
 def sequential_product(left: torch.Tensor, right: torch.Tensor, out: torch.Tensor) -> None:
-    """``out ← left @ right`` summed as the fused pass sums it (kernel.c, row_product_avx2):
+    """``out ← left @ right`` summed as the fused pass sums it (kernel.c, rows2_product_avx2):
     over k in order from 0, each product rounded in the factors' dtype and then added."""
     import torch
 

@@ -355,42 +355,16 @@ AVX2 static void f32_inplace_avx2(float *p, const float *d, Py_ssize_t n, int ro
     f32_pass_avx2(p, d, p, n, roundtrip, out);
 }
 
-/* One row's ΔW over the column groups [g0, g0 + ng) of 32: tmp[32·(g − g0) + j] =
-   Σ_k l[k]·R[k][32·g + j], the sum in k order from k = 0, each product rounded to fp32 and then
-   added (no FMA): what r torch calls ``acc = l0 * R0; acc = acc + lk * Rk`` give. R comes packed
-   by group ([groups][r][32], zero-padded: ``pack_right`` in delta.py), so each step of k reads
-   128 contiguous bytes (rows of R a power of two apart alias in L1: 2x slower unpacked). Four
-   accumulators of 8 lanes, so the adds' latency overlaps. */
-AVX2 static void row_product_avx2(const float *l, const float *packed, Py_ssize_t r,
-                                  Py_ssize_t g0, Py_ssize_t ng, float *tmp) {
-    for (Py_ssize_t g = 0; g < ng; g++) {
-        const float *q = packed + (g0 + g) * r * 32;
-        __m256 lk = _mm256_broadcast_ss(l);
-        __m256 a0 = _mm256_mul_ps(lk, _mm256_loadu_ps(q));
-        __m256 a1 = _mm256_mul_ps(lk, _mm256_loadu_ps(q + 8));
-        __m256 a2 = _mm256_mul_ps(lk, _mm256_loadu_ps(q + 16));
-        __m256 a3 = _mm256_mul_ps(lk, _mm256_loadu_ps(q + 24));
-        for (Py_ssize_t k = 1; k < r; k++) {
-            const float *qk = q + k * 32;
-            lk = _mm256_broadcast_ss(l + k);
-            a0 = _mm256_add_ps(a0, _mm256_mul_ps(lk, _mm256_loadu_ps(qk)));
-            a1 = _mm256_add_ps(a1, _mm256_mul_ps(lk, _mm256_loadu_ps(qk + 8)));
-            a2 = _mm256_add_ps(a2, _mm256_mul_ps(lk, _mm256_loadu_ps(qk + 16)));
-            a3 = _mm256_add_ps(a3, _mm256_mul_ps(lk, _mm256_loadu_ps(qk + 24)));
-        }
-        float *t = tmp + g * 32;
-        _mm256_storeu_ps(t, a0);
-        _mm256_storeu_ps(t + 8, a1);
-        _mm256_storeu_ps(t + 16, a2);
-        _mm256_storeu_ps(t + 24, a3);
-    }
-}
-
-/* The same for two rows at once (l and l + r, into t0 and t1): each load of R serves both, and
-   eight chains of adds overlap their latency. The same sums per element as one row's. */
-AVX2 static void rows2_product_avx2(const float *l, const float *packed, Py_ssize_t r,
-                                    Py_ssize_t g0, Py_ssize_t ng, float *t0, float *t1) {
-    const float *m = l + r;
+/* Two rows' ΔW over the column groups [g0, g0 + ng) of 32: for the row of L at l,
+   t0[32·(g − g0) + j] = Σ_k l[k]·R[k][32·g + j], the sum in k order from k = 0, each product
+   rounded to fp32 and then added (no FMA): what r torch calls ``acc = l0 * R0; acc = acc + lk *
+   Rk`` give; the same from m into t1 (m may be l, for a block's odd last row). R comes packed by
+   group ([groups][r][32], zero-padded: ``pack_right`` in delta.py), so each step of k reads 128
+   contiguous bytes (rows of R a power of two apart alias in L1: 2x slower unpacked). Each load
+   of R serves both rows, and eight chains of adds overlap their latency. */
+AVX2 static void rows2_product_avx2(const float *l, const float *m, const float *packed,
+                                    Py_ssize_t r, Py_ssize_t g0, Py_ssize_t ng, float *t0,
+                                    float *t1) {
     for (Py_ssize_t g = 0; g < ng; g++) {
         const float *q = packed + (g0 + g) * r * 32;
         __m256 q0 = _mm256_loadu_ps(q), q1 = _mm256_loadu_ps(q + 8);
@@ -436,11 +410,8 @@ AVX2 static void lowrank_avx2(const char *src, const float *left, const float *p
         Py_ssize_t jn = cols - j0 < TILE ? cols - j0 : TILE, g0 = j0 / 32, ng = (jn + 31) / 32;
         for (Py_ssize_t i = 0; i < rows; i += 2) {
             int two = i + 1 < rows;
-            if (two) {
-                rows2_product_avx2(left + i * r, packed, r, g0, ng, tmp[0], tmp[1]);
-            } else {
-                row_product_avx2(left + i * r, packed, r, g0, ng, tmp[0]);
-            }
+            const float *l = left + i * r;
+            rows2_product_avx2(l, two ? l + r : l, packed, r, g0, ng, tmp[0], tmp[1]);
             for (int h = 0; h <= two; h++) {
                 Py_ssize_t at = ((i + h) * cols + j0) * itemsize;
                 if (itemsize == 2) {
@@ -478,7 +449,7 @@ static void pick(void) {
     P = &passes_base, ISA = "base";
 #ifdef X86_TARGETS
     if (level == 4) P = &passes_v4, ISA = "v4";
-    if (level == 3) { /* v3's table with the hand-written bf16 pass */
+    if (level == 3) { /* v3's table with the hand-written bf16 and fp32 passes */
         static Passes v3;
         v3 = passes_v3;
         v3.bf16_apart = bf16_pass_avx2, v3.bf16_inplace = bf16_inplace_avx2;
@@ -637,7 +608,7 @@ fail_src:
 
    merge_block's pass (without gathering) with ΔW = L·R made in the pass: left the block's rows
    of L [rows, rank] and packed R [rank, cols] as pack_right lays it out ([⌈cols/32⌉, rank, 32],
-   zero-padded), both fp32; the product as row_product_avx2 sums it. Only where
+   zero-padded), both fp32; the product as rows2_product_avx2 sums it. Only where
    ``fuses_product`` is true (v3). */
 static PyObject *merge_lowrank(PyObject *self, PyObject *args) {
     PyObject *src_o, *l_o, *r_o, *dst_o;
