@@ -199,15 +199,14 @@ def check_equal(ours: Path, peft_out: Path) -> float:
 
 
 # The durable floor's second step: loratool's output is fsynced before it is renamed into place
-# (an atomic write survives a crash), which on a slow disk costs more wall than the copy.
+# (an atomic write survives a crash), which on a slow disk costs more wall than the copy; this
+# is the very fsync loratool's atomic_dir runs.
 SYNC_SCRIPT = """
-import os, sys
+import sys
+from pathlib import Path
 import torch
-for top, _, files in os.walk(sys.argv[1]):
-    for name in files:
-        fd = os.open(os.path.join(top, name), os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+from loratool._io import _fsync_tree
+_fsync_tree(Path(sys.argv[1]))
 """
 
 
