@@ -1,15 +1,17 @@
 """The fused training passes (loratool/training/kernel.c) against the torch paths they replace.
 
 Per instruction set this CPU has (``LORATOOL_TRAIN_KERNEL=base|v3|v4``, one process each):
-SwiGLU's two gradients are the torch version's bit for bit (σ comes from torch; the rest is the
-same fp32 operations in the same order), on data with zeros, huge and tiny gates. The attention
-softmax is not bitwise torch's (its own e^x), nor is RMSNorm (its sums in another order), so
-they are held to the torch path's accuracy: the same bf16 values but for a few 1-ulp roundings,
-and outputs and gradients as close to an fp64 reference as the torch path's.
+SwiGLU's two gradients are the torch version's bit for bit, in bf16 and in fp32 (σ comes from
+torch; the rest is the same fp32 operations in the same order), on data with zeros, huge and
+tiny gates. The attention softmax (bf16 only) is not bitwise torch's (its own e^x), nor is
+RMSNorm (its sums in another order), so they are held to the torch path's accuracy: in bf16 the
+same values but for a few 1-ulp roundings, and in both dtypes outputs and gradients as close to
+an fp64 reference as the torch path's.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -27,6 +29,9 @@ from loratool.training import attention, recompute
 ROOT = Path(__file__).resolve().parents[1]
 
 
+SHAPES = ((300, 1536), (7, 3), (1, 1))
+
+
 def _grads(gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, kernel: str) -> tuple:
     os.environ["LORATOOL_TRAIN_KERNEL"] = kernel
     g, u = gate.clone().requires_grad_(), up.clone().requires_grad_()
@@ -39,18 +44,19 @@ def check_all(isa: str) -> None:
 
     assert kernel.isa == isa, kernel.isa
     torch.manual_seed(0)
-    for shape in ((300, 1536), (7, 3), (1, 1)):
-        gate = (torch.randn(shape) * 4).to(torch.bfloat16)
+    for dtype, shape in itertools.product((torch.bfloat16, torch.float32), SHAPES):
+        gate = (torch.randn(shape) * 4).to(dtype)
         flat = gate.view(-1)
         specials = torch.tensor([0.0, -0.0, 100.0, -100.0, 1e-30, -60.0, 3e38])
-        flat[: min(flat.numel(), 7)] = specials[: min(flat.numel(), 7)].to(torch.bfloat16)
-        up = torch.randn(shape).to(torch.bfloat16)
-        grad = torch.randn(shape).to(torch.bfloat16)
+        flat[: min(flat.numel(), 7)] = specials[: min(flat.numel(), 7)].to(dtype)
+        up = torch.randn(shape).to(dtype)
+        grad = torch.randn(shape).to(dtype)
         want = _grads(gate, up, grad, "0")
         got = _grads(gate, up, grad, isa)
+        bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
         for w, x in zip(want, got, strict=True):
-            assert x.dtype == torch.bfloat16 and x.shape == w.shape
-            assert torch.equal(x.view(torch.int16), w.view(torch.int16)), (isa, shape)
+            assert x.dtype == dtype and x.shape == w.shape
+            assert torch.equal(x.view(bits), w.view(bits)), (isa, dtype, shape)
     check_attention(isa)
     check_norm(isa)
 
@@ -107,14 +113,20 @@ def _norm(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor, switch: str) -> lis
 
 def check_norm(isa: str) -> None:
     torch.manual_seed(0)
-    for shape in ((3, 576), (2, 5, 1), (1, 7)):
-        x = (torch.randn(shape) * 3).to(torch.bfloat16)
+    shapes = ((3, 576), (2, 5, 1), (1, 7))
+    for dtype, shape in itertools.product((torch.bfloat16, torch.float32), shapes):
+        x = (torch.randn(shape) * 3).to(dtype)
         x.view(-1)[0] = 0.0
-        w = (torch.randn(shape[-1]) + 1).to(torch.bfloat16)
-        g = torch.randn(shape).to(torch.bfloat16)
+        w = (torch.randn(shape[-1]) + 1).to(dtype)
+        g = torch.randn(shape).to(dtype)
         ref = _norm(x.double(), w.double(), g.double(), "0")
         for r, a, b in zip(ref, _norm(x, w, g, "0"), _norm(x, w, g, isa), strict=True):
+            assert a.dtype == b.dtype == dtype
             err_torch, err_fused = ((t.double() - r).abs() for t in (a, b))
+            if dtype == torch.float32:  # both a few ulps from fp64: hold the pass to 4 of them
+                ulp = torch.finfo(torch.float32).eps * float(r.abs().max())
+                assert float(err_fused.max()) <= 4 * ulp, (isa, shape)
+                continue
             assert float(err_fused.max()) <= 1.5 * float(err_torch.max()) + 1e-6, (isa, shape)
             assert float(err_fused.mean()) <= 1.1 * float(err_torch.mean()) + 1e-7, (isa, shape)
             assert float((a != b).float().mean()) < 0.01  # the same bf16 values, nearly all
@@ -159,11 +171,27 @@ def test_swiglu_kernel_refuses_bad_buffers() -> None:
         kernel.swiglu_backward(raw(a), raw(a), raw(a), raw(a), raw(a.clone()), raw(a.clone()))
     with pytest.raises(ValueError, match="overlaps"):
         kernel.swiglu_backward(raw(a), raw(a), raw(a), raw(s), raw(a), raw(a.clone()))
+    f = torch.zeros(8)  # fp32: every buffer of one length, sig's too
+    with pytest.raises(ValueError, match="one length"):
+        kernel.swiglu_backward(
+            raw(f), raw(f), raw(f), raw(torch.zeros(16)), raw(f.clone()), raw(f.clone()), 4
+        )
+    with pytest.raises(ValueError, match="one length"):  # bf16 buffers read as fp32
+        kernel.swiglu_backward(raw(a), raw(a), raw(a), raw(s), raw(a.clone()), raw(a.clone()), 4)
+    with pytest.raises(ValueError, match="itemsize"):
+        kernel.swiglu_backward(raw(f), raw(f), raw(f), raw(f), raw(f.clone()), raw(f.clone()), 8)
 
 
 def test_other_dtypes_take_the_torch_path() -> None:
-    x = torch.zeros(4, 4)
-    assert recompute.fused_kernel(x, x, x) is None  # fp32: the torch path
+    _built()
+    x, w = torch.zeros(4, 4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    assert recompute.fused_kernel(x, x, x) is None  # fp64: the torch path
+    assert recompute._norm_kernel(x, w) is None
+    mixed = torch.zeros(4, 4, dtype=torch.bfloat16)
+    assert recompute.fused_kernel(x.float(), mixed, mixed) is None  # dtypes that differ
+    assert recompute._norm_kernel(x.float(), w.bfloat16()) is None
+    assert recompute.fused_kernel(x.float(), x.float(), x.float()) is not None  # fp32: the pass
+    assert recompute._norm_kernel(x.float(), w.float()) is not None
 
 
 def test_documents_to_1024_tokens_take_the_fused_attention(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -222,6 +250,10 @@ def test_norm_kernel_refuses_bad_buffers_and_leaves_trained_weights_to_torch() -
         kernel.rms_norm(raw(x), raw(w), raw(x.clone()), raw(r[:2]), 8, 1e-5)
     with pytest.raises(ValueError, match="overlaps"):
         kernel.rms_norm(raw(x), raw(w), raw(x), raw(r), 8, 1e-5)
+    with pytest.raises(ValueError, match="rows, d"):  # a bf16 weight with fp32 rows
+        kernel.rms_norm(raw(x.float()), raw(w), raw(x.float()), raw(r), 8, 1e-5, 4)
+    with pytest.raises(ValueError, match="itemsize"):
+        kernel.rms_norm_backward(raw(x), raw(w), raw(r), raw(x), raw(x.clone()), 8, 3)
     wt = torch.ones(8, dtype=torch.bfloat16, requires_grad=True)  # a trained weight: torch's
     xx = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
     recompute.RMSNorm.apply(xx, wt, 1e-5).sum().backward()

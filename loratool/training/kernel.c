@@ -1,19 +1,23 @@
 /* Fused training passes: loratool.training.kernel (optional). SwiGLU's backward, RMSNorm, and
    the softmax of short documents' attention (below).
 
-   SwiGLU's backward over bf16 tensors in one pass:
+   SwiGLU's backward and RMSNorm take bf16 or fp32 tensors (an optional last argument, the
+   itemsize: 2, the default, or 4); the attention softmax takes bf16 only (in fp32, SDPA's flash
+   kernel was faster than these passes at every length measured, 100 to 512 tokens).
 
-   For y = silu(g)·u, given dy, the saved g and u (all bf16), in fp32:
+   SwiGLU's backward in one pass:
+
+   For y = silu(g)·u, given dy, the saved g and u (all bf16, or all fp32), in fp32:
 
      σ      = 1 / (1 + e^(-g))
      du     = dy · g·σ
      dg     = dy · u · σ · (1 + g·(1 − σ))          (silu'(g) = σ·(1 + g·(1 − σ)))
 
-   each gradient rounded once to bf16 (round to nearest even). The torch version in
-   recompute.py makes ~14 passes over [tokens, intermediate] fp32 temporaries (16 ms a layer of
-   SmolLM2 at 2048 tokens here); this is one pass over the bf16 arrays and σ, which torch's own
-   sigmoid computes first: with the same operations in the same order (no FMA contraction), the
-   gradients are the torch path's bit for bit. (A polynomial e^x here was 1 ulp off torch's on a
+   each gradient rounded once to bf16 (round to nearest even), or kept in fp32. The torch
+   version in recompute.py makes ~14 passes over [tokens, intermediate] fp32 temporaries (16 ms
+   a layer of SmolLM2 at 2048 tokens here); this is one pass over the arrays and σ, which
+   torch's own sigmoid computes first: with the same operations in the same order (no FMA
+   contraction), the gradients are the torch path's bit for bit. (A polynomial e^x here was 1 ulp off torch's on a
    few elements in a million: enough to move a training run's trajectory.)
 
    Attention (attention.py, ShortAttention): for bf16 scores S = q·kᵀ of one document, [heads,
@@ -25,11 +29,12 @@
    (range reduction by ln 2 in two parts, a degree-6 polynomial: within 2 ulp), not torch's, so
    these are not the torch path's bits, but the same softmax to fp32 rounding.
 
-   RMSNorm (recompute.py) over bf16 rows of d: ``rms_norm`` writes y = w ⊙ bf16(x·r) with
-   r = 1/√(mean x² + ε) (Llama's casts) and keeps r per row; ``rms_norm_backward`` writes
-   ∂x = bf16((g − x̂·mean(g·x̂))·r), g = ∂y·w, x̂ = x·r, all in fp32. One pass per row in cache,
-   for torch's eight over [tokens, d] fp32 temporaries; the sums run in another order, so the
-   bits are not torch's (the same to fp32 rounding of a mean).
+   RMSNorm (recompute.py) over bf16 (or fp32) rows of d: ``rms_norm`` writes y = w ⊙ bf16(x·r)
+   with r = 1/√(mean x² + ε) (Llama's casts; no rounding in fp32) and keeps r per row;
+   ``rms_norm_backward`` writes ∂x = bf16((g − x̂·mean(g·x̂))·r), g = ∂y·w, x̂ = x·r, all in fp32.
+   One pass per row in cache, for torch's eight over [tokens, d] fp32 temporaries; the sums run
+   in another order, so the bits are not torch's (the same to fp32 rounding of a mean: in fp32,
+   within a few ulps of an fp64 reference, as torch's are).
 
    Built by setuptools where a C compiler is present; without it the callers run the torch path. */
 
@@ -42,24 +47,34 @@
 
 #include "../native.h"
 
-#define SWIGLU_LOOP                                                                             \
-    _Pragma("omp simd") for (Py_ssize_t i = 0; i < n; i++) {                                    \
-        float gf = bf16_up(dy[i]), x = bf16_up(g[i]), uf = bf16_up(u[i]), sig = s[i];           \
-        du[i] = (uint16_t)bf16_down(gf * (x * sig));                                            \
-        dg[i] = (uint16_t)bf16_down(gf * uf * sig * (1.0f + x * (1.0f - sig)));                 \
+/* Element access by dtype: E is bf16 (uint16_t, rounded to nearest even on the way down) or f32
+   (float as it is). Every pass below is built for both, per instruction set. */
+typedef uint16_t elt_bf16;
+typedef float elt_f32;
+#define UP_bf16(x) bf16_up(x)
+#define DOWN_bf16(x) ((uint16_t)bf16_down(x))
+#define UP_f32(x) (x)
+#define DOWN_f32(x) (x)
+#define BOTH(DEF, SFX, ATTR) DEF(SFX, ATTR, bf16) DEF(SFX, ATTR, f32)
+
+typedef void (*Pass)(const void *, const void *, const void *, const float *, void *, void *,
+                     Py_ssize_t);
+
+#define PASS(SFX, ATTR, E)                                                                      \
+    ATTR static void swiglu_##E##_##SFX(const void *dy_, const void *g_, const void *u_,        \
+                                        const float *restrict s, void *dg_, void *du_,          \
+                                        Py_ssize_t n) {                                         \
+        const elt_##E *restrict dy = dy_, *restrict g = g_, *restrict u = u_;                   \
+        elt_##E *restrict dg = dg_, *restrict du = du_;                                         \
+        _Pragma("omp simd") for (Py_ssize_t i = 0; i < n; i++) {                                \
+            float gf = UP_##E(dy[i]), x = UP_##E(g[i]), uf = UP_##E(u[i]), sig = s[i];          \
+            du[i] = DOWN_##E(gf * (x * sig));                                                   \
+            dg[i] = DOWN_##E(gf * uf * sig * (1.0f + x * (1.0f - sig)));                        \
+        }                                                                                       \
     }
+#define PASSES(SFX, ATTR) BOTH(PASS, SFX, ATTR)
 
-typedef void (*Pass)(const uint16_t *, const uint16_t *, const uint16_t *, const float *,
-                     uint16_t *, uint16_t *, Py_ssize_t);
-
-#define PASS(SFX, ATTR)                                                                         \
-    ATTR static void swiglu_##SFX(const uint16_t *restrict dy, const uint16_t *restrict g,      \
-                                  const uint16_t *restrict u, const float *restrict s,          \
-                                  uint16_t *restrict dg, uint16_t *restrict du, Py_ssize_t n) { \
-        SWIGLU_LOOP                                                                             \
-    }
-
-PER_ISA(PASS)
+PER_ISA(PASSES)
 
 /* -- attention ------------------------------------------------------------------------------ */
 
@@ -146,67 +161,88 @@ PER_ISA(ATT)
 
 /* -- RMSNorm --------------------------------------------------------------------------------- */
 
-typedef void (*NormFwd)(const uint16_t *, const uint16_t *, uint16_t *, float *, Py_ssize_t,
-                        Py_ssize_t, float);
-typedef void (*NormBwd)(const uint16_t *, const uint16_t *, const float *, const uint16_t *,
-                        uint16_t *, Py_ssize_t, Py_ssize_t);
+typedef void (*NormFwd)(const void *, const void *, void *, float *, Py_ssize_t, Py_ssize_t,
+                        float);
+typedef void (*NormBwd)(const void *, const void *, const float *, const void *, void *,
+                        Py_ssize_t, Py_ssize_t);
 
-#define NORM(SFX, ATTR)                                                                         \
-    ATTR static void norm_fwd_##SFX(const uint16_t *x, const uint16_t *w, uint16_t *y,          \
-                                    float *rstd, Py_ssize_t rows, Py_ssize_t d, float eps) {    \
+#define NORM(SFX, ATTR, E)                                                                      \
+    ATTR static void norm_fwd_##E##_##SFX(const void *x_, const void *w_, void *y_, float *rstd, \
+                                          Py_ssize_t rows, Py_ssize_t d, float eps) {           \
+        const elt_##E *x = x_, *w = w_;                                                         \
+        elt_##E *y = y_;                                                                        \
         for (Py_ssize_t r = 0; r < rows; r++) {                                                 \
-            const uint16_t *xr = x + r * d;                                                     \
-            uint16_t *yr = y + r * d;                                                           \
+            const elt_##E *xr = x + r * d;                                                      \
+            elt_##E *yr = y + r * d;                                                            \
             float ss = 0.0f;                                                                    \
             _Pragma("omp simd reduction(+ : ss)") for (Py_ssize_t j = 0; j < d; j++) {          \
-                float v = bf16_up(xr[j]);                                                       \
+                float v = UP_##E(xr[j]);                                                        \
                 ss += v * v;                                                                    \
             }                                                                                   \
             float rs = 1.0f / sqrtf(ss / (float)d + eps);                                       \
             rstd[r] = rs;                                                                       \
             _Pragma("omp simd") for (Py_ssize_t j = 0; j < d; j++) {                            \
-                float h = bf16_up(bf16_down(bf16_up(xr[j]) * rs));                              \
-                yr[j] = (uint16_t)bf16_down(bf16_up(w[j]) * h);                                 \
+                float h = UP_##E(DOWN_##E(UP_##E(xr[j]) * rs));                                 \
+                yr[j] = DOWN_##E(UP_##E(w[j]) * h);                                             \
             }                                                                                   \
         }                                                                                       \
     }                                                                                           \
-    ATTR static void norm_bwd_##SFX(const uint16_t *x, const uint16_t *w, const float *rstd,    \
-                                    const uint16_t *gy, uint16_t *gx, Py_ssize_t rows,          \
-                                    Py_ssize_t d) {                                             \
+    ATTR static void norm_bwd_##E##_##SFX(const void *x_, const void *w_, const float *rstd,    \
+                                          const void *gy_, void *gx_, Py_ssize_t rows,          \
+                                          Py_ssize_t d) {                                       \
+        const elt_##E *x = x_, *w = w_, *gy = gy_;                                              \
+        elt_##E *gx = gx_;                                                                      \
         for (Py_ssize_t r = 0; r < rows; r++) {                                                 \
-            const uint16_t *xr = x + r * d, *gr = gy + r * d;                                   \
-            uint16_t *o = gx + r * d;                                                           \
+            const elt_##E *xr = x + r * d, *gr = gy + r * d;                                    \
+            elt_##E *o = gx + r * d;                                                            \
             float rs = rstd[r], dot = 0.0f;                                                     \
             _Pragma("omp simd reduction(+ : dot)") for (Py_ssize_t j = 0; j < d; j++) {         \
-                dot += (bf16_up(gr[j]) * bf16_up(w[j])) * (bf16_up(xr[j]) * rs);                \
+                dot += (UP_##E(gr[j]) * UP_##E(w[j])) * (UP_##E(xr[j]) * rs);                   \
             }                                                                                   \
             float mean = dot / (float)d;                                                        \
             _Pragma("omp simd") for (Py_ssize_t j = 0; j < d; j++) {                            \
-                float g = bf16_up(gr[j]) * bf16_up(w[j]), xh = bf16_up(xr[j]) * rs;             \
-                o[j] = (uint16_t)bf16_down((g - xh * mean) * rs);                               \
+                float g = UP_##E(gr[j]) * UP_##E(w[j]), xh = UP_##E(xr[j]) * rs;                \
+                o[j] = DOWN_##E((g - xh * mean) * rs);                                          \
             }                                                                                   \
         }                                                                                       \
     }
+#define NORMS(SFX, ATTR) BOTH(NORM, SFX, ATTR)
 
-PER_ISA(NORM)
+PER_ISA(NORMS)
 
-static Pass P;
-static NormFwd NORM_F;
-static NormBwd NORM_B;
-static AttFwd PROBS;
+/* Per dtype: [0] bf16, [1] fp32 (DT below). */
+static Pass P[2];
+static NormFwd NORM_F[2];
+static NormBwd NORM_B[2];
+static AttFwd PROBS; /* bf16 only: in fp32 SDPA's flash kernel was faster at every length */
 static AttBwd GRADS;
 static const char *ISA;
 
+#define SET(SFX)                                                                                \
+    do {                                                                                        \
+        P[0] = swiglu_bf16_##SFX, P[1] = swiglu_f32_##SFX;                                      \
+        PROBS = att_probs_##SFX, GRADS = att_grads_##SFX;                                       \
+        NORM_F[0] = norm_fwd_bf16_##SFX, NORM_F[1] = norm_fwd_f32_##SFX;                        \
+        NORM_B[0] = norm_bwd_bf16_##SFX, NORM_B[1] = norm_bwd_f32_##SFX;                        \
+        ISA = #SFX;                                                                             \
+    } while (0)
+
 static void pick(void) {
     int level = isa_level(getenv("LORATOOL_TRAIN_KERNEL"));
-    P = swiglu_base, PROBS = att_probs_base, GRADS = att_grads_base, ISA = "base";
-    NORM_F = norm_fwd_base, NORM_B = norm_bwd_base;
+    SET(base);
 #ifdef X86_TARGETS
-    if (level == 4) P = swiglu_v4, PROBS = att_probs_v4, GRADS = att_grads_v4, ISA = "v4";
-    if (level == 4) NORM_F = norm_fwd_v4, NORM_B = norm_bwd_v4;
-    if (level == 3) P = swiglu_v3, PROBS = att_probs_v3, GRADS = att_grads_v3, ISA = "v3";
-    if (level == 3) NORM_F = norm_fwd_v3, NORM_B = norm_bwd_v3;
+    if (level == 4) SET(v4);
+    if (level == 3) SET(v3);
 #endif
+}
+
+/* The element size every pass takes as its last, optional argument: 2 (bf16, the default) or 4
+   (fp32); the index into the tables above, or -1 with ValueError set. */
+static int DT(int itemsize, const char *what) {
+    if (itemsize == 2 || itemsize == 4) return itemsize / 4;
+    PyErr_Format(PyExc_ValueError, "%s: itemsize is 2 (bf16) or 4 (fp32), not %d", what,
+                 itemsize);
+    return -1;
 }
 
 /* swiglu_backward(grad, gate, up, sig, grad_gate, grad_up): bf16 buffers of one length but sig,
@@ -214,15 +250,18 @@ static void pick(void) {
    (neither may overlap another). */
 static PyObject *swiglu_backward(PyObject *self, PyObject *args) {
     PyObject *o[6];
-    if (!PyArg_ParseTuple(args, "OOOOOO", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5])) return NULL;
+    int itemsize = 2, dt;
+    if (!PyArg_ParseTuple(args, "OOOOOO|i", &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &itemsize))
+        return NULL;
+    if ((dt = DT(itemsize, "swiglu_backward")) < 0) return NULL;
     Py_buffer b[6];
     int got = 0;
     for (; got < 6; got++) {
         if (PyObject_GetBuffer(o[got], &b[got], got >= 4 ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
             goto done;
         }
-        Py_ssize_t want = got == 3 ? 2 * b[0].len : b[0].len;
-        if (!PyBuffer_IsContiguous(&b[got], 'C') || b[got].len != want || b[got].len % 2) {
+        Py_ssize_t want = got == 3 ? b[0].len / itemsize * 4 : b[0].len;
+        if (!PyBuffer_IsContiguous(&b[got], 'C') || b[got].len != want || b[0].len % itemsize) {
             PyErr_SetString(PyExc_ValueError, "swiglu_backward: buffers of one length (sig fp32)");
             got++;
             goto done;
@@ -238,7 +277,7 @@ static PyObject *swiglu_backward(PyObject *self, PyObject *args) {
         }
     }
     Py_BEGIN_ALLOW_THREADS;
-    P(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf, b[0].len / 2);
+    P[dt](b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[5].buf, b[0].len / itemsize);
     Py_END_ALLOW_THREADS;
 done:
     for (int i = 0; i < got; i++) PyBuffer_Release(&b[i]);
@@ -316,7 +355,7 @@ static PyObject *attention_grads(PyObject *self, PyObject *args) {
    x, y, grad_y, grad_x of [rows, d] (one length), w bf16 [d], rstd fp32 [rows]; outputs apart
    from every other buffer. */
 static int norm_buffers(PyObject **o, int count, const int *kind, int first_out, Py_buffer *b,
-                        Py_ssize_t d, const char *what) {
+                        Py_ssize_t d, int itemsize, const char *what) {
     int got = 0;
     Py_ssize_t rows = -1;
     for (; got < count; got++) {
@@ -325,10 +364,10 @@ static int norm_buffers(PyObject **o, int count, const int *kind, int first_out,
             break;
         }
         Py_ssize_t len = b[got].len;
-        if (rows < 0 && kind[got] == 0 && d > 0) rows = len / (2 * d);
-        Py_ssize_t want = kind[got] == 0 ? 2 * d * rows : kind[got] == 1 ? 2 * d : 4 * rows;
+        if (rows < 0 && kind[got] == 0 && d > 0) rows = len / (itemsize * d);
+        Py_ssize_t want = kind[got] == 0 ? itemsize * d * rows : kind[got] == 1 ? itemsize * d : 4 * rows;
         if (!PyBuffer_IsContiguous(&b[got], 'C') || d < 1 || len != want) {
-            PyErr_Format(PyExc_ValueError, "%s: bf16 [rows, d], bf16 weight [d], fp32 [rows]",
+            PyErr_Format(PyExc_ValueError, "%s: [rows, d] and a weight [d] of one dtype, fp32 [rows]",
                          what);
             got++;
             break;
@@ -353,12 +392,15 @@ static PyObject *rms_norm(PyObject *self, PyObject *args) {
     PyObject *o[4];
     Py_ssize_t d;
     float eps;
-    if (!PyArg_ParseTuple(args, "OOOOnf", &o[0], &o[1], &o[2], &o[3], &d, &eps)) return NULL;
+    int itemsize = 2, dt;
+    if (!PyArg_ParseTuple(args, "OOOOnf|i", &o[0], &o[1], &o[2], &o[3], &d, &eps, &itemsize))
+        return NULL;
+    if ((dt = DT(itemsize, "rms_norm")) < 0) return NULL;
     static const int kind[4] = {0, 1, 0, 2};
     Py_buffer b[4];
-    if (norm_buffers(o, 4, kind, 2, b, d, "rms_norm") < 0) return NULL;
+    if (norm_buffers(o, 4, kind, 2, b, d, itemsize, "rms_norm") < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS;
-    NORM_F(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[0].len / (2 * d), d, eps);
+    NORM_F[dt](b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[0].len / (itemsize * d), d, eps);
     Py_END_ALLOW_THREADS;
     for (int i = 0; i < 4; i++) PyBuffer_Release(&b[i]);
     Py_RETURN_NONE;
@@ -367,12 +409,15 @@ static PyObject *rms_norm(PyObject *self, PyObject *args) {
 static PyObject *rms_norm_backward(PyObject *self, PyObject *args) {
     PyObject *o[5];
     Py_ssize_t d;
-    if (!PyArg_ParseTuple(args, "OOOOOn", &o[0], &o[1], &o[2], &o[3], &o[4], &d)) return NULL;
+    int itemsize = 2, dt;
+    if (!PyArg_ParseTuple(args, "OOOOOn|i", &o[0], &o[1], &o[2], &o[3], &o[4], &d, &itemsize))
+        return NULL;
+    if ((dt = DT(itemsize, "rms_norm_backward")) < 0) return NULL;
     static const int kind[5] = {0, 1, 2, 0, 0};
     Py_buffer b[5];
-    if (norm_buffers(o, 5, kind, 4, b, d, "rms_norm_backward") < 0) return NULL;
+    if (norm_buffers(o, 5, kind, 4, b, d, itemsize, "rms_norm_backward") < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS;
-    NORM_B(b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[0].len / (2 * d), d);
+    NORM_B[dt](b[0].buf, b[1].buf, b[2].buf, b[3].buf, b[4].buf, b[0].len / (itemsize * d), d);
     Py_END_ALLOW_THREADS;
     for (int i = 0; i < 5; i++) PyBuffer_Release(&b[i]);
     Py_RETURN_NONE;

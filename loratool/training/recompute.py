@@ -32,8 +32,8 @@ from ..stream import byte_view
 class RMSNorm(torch.autograd.Function):
     """``w ⊙ (x/rms(x)).to(x.dtype)`` (Llama's order of casts); saves x and 1/rms only.
 
-    For bf16 on the CPU both ways are one compiled pass per row (``kernel.c``: the same formula
-    in fp32, its sums in another order); else the torch ops below."""
+    For bf16 or fp32 on the CPU both ways are one compiled pass per row (``kernel.c``: the same
+    formula in fp32, its sums in another order); else the torch ops below."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -41,7 +41,8 @@ class RMSNorm(torch.autograd.Function):
         if fused is not None:
             y = torch.empty_like(x)
             rstd = torch.empty(*x.shape[:-1], 1, dtype=torch.float32)
-            fused.rms_norm(*(byte_view(t) for t in (x, weight, y, rstd)), x.shape[-1], eps)
+            views = (byte_view(t) for t in (x, weight, y, rstd))
+            fused.rms_norm(*views, x.shape[-1], eps, x.element_size())
             ctx.save_for_backward(x, weight, rstd)
             return y
         xf = x.float()
@@ -57,7 +58,7 @@ class RMSNorm(torch.autograd.Function):
         if fused is not None and not ctx.needs_input_grad[1]:
             gx = torch.empty_like(x)
             views = (byte_view(t) for t in (x, weight, rstd, grad_y, gx))
-            fused.rms_norm_backward(*views, x.shape[-1])
+            fused.rms_norm_backward(*views, x.shape[-1], x.element_size())
             return gx, None, None
         xhat = x.float() * rstd  # fp32, as in forward
         gw = grad_y.float() * weight.float()
@@ -72,8 +73,8 @@ class RMSNorm(torch.autograd.Function):
 
 class SwiGLU(torch.autograd.Function):
     """``silu(gate) * up``; saves gate and up, recomputes ``silu(gate)`` in backward, in fp32:
-    for bf16 on the CPU, σ by torch and the rest in one compiled pass (``kernel.c``), else in
-    torch: the same bits either way."""
+    for bf16 or fp32 on the CPU, σ by torch and the rest in one compiled pass (``kernel.c``),
+    else in torch: the same bits either way."""
 
     @staticmethod
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -87,7 +88,8 @@ class SwiGLU(torch.autograd.Function):
         if fused is not None and all(ctx.needs_input_grad[:2]):
             sig = torch.sigmoid(gate.float())
             dg, du = torch.empty_like(gate), torch.empty_like(up)
-            fused.swiglu_backward(*(byte_view(t) for t in (grad, gate, up, sig, dg, du)))
+            views = (byte_view(t) for t in (grad, gate, up, sig, dg, du))
+            fused.swiglu_backward(*views, gate.element_size())
             return dg, du
         wide = torch.promote_types(gate.dtype, torch.float32)  # fp32, or fp64 for fp64
         g = gate.to(wide)
@@ -102,13 +104,19 @@ class SwiGLU(torch.autograd.Function):
         return grad_gate, grad_up
 
 
+_KERNEL_DTYPES = (torch.bfloat16, torch.float32)  # the passes' element types
+
+
 def _norm_kernel(x: torch.Tensor, weight: torch.Tensor, *more: torch.Tensor) -> Any:
-    """The compiled RMSNorm (``kernel.c``) for contiguous bf16 CPU rows and a bf16 weight of
-    their width, or None (the torch ops): not built, other tensors, ``LORATOOL_TRAIN_KERNEL=0``."""
+    """The compiled RMSNorm (``kernel.c``) for contiguous bf16 or fp32 CPU rows and a weight of
+    their width and dtype, or None (the torch ops): not built, other tensors,
+    ``LORATOOL_TRAIN_KERNEL=0``."""
     ts = (x, weight, *more)
     if x.device.type != "cpu" or not x.numel() or x.dim() < 1 or weight.shape != x.shape[-1:]:
         return None
-    if any(t.dtype != torch.bfloat16 or t.device != x.device or not t.is_contiguous() for t in ts):
+    if x.dtype not in _KERNEL_DTYPES:
+        return None
+    if any(t.dtype != x.dtype or t.device != x.device or not t.is_contiguous() for t in ts):
         return None
     if any(t.shape != x.shape for t in more):
         return None
@@ -116,10 +124,10 @@ def _norm_kernel(x: torch.Tensor, weight: torch.Tensor, *more: torch.Tensor) -> 
 
 
 def fused_kernel(*ts: torch.Tensor) -> Any:
-    """The compiled SwiGLU backward (``kernel.c``) for contiguous bf16 CPU tensors of one shape,
-    or None: not built, other tensors, or ``LORATOOL_TRAIN_KERNEL=0``."""
+    """The compiled SwiGLU backward (``kernel.c``) for contiguous bf16 or fp32 CPU tensors of one
+    shape and dtype, or None: not built, other tensors, or ``LORATOOL_TRAIN_KERNEL=0``."""
     first = ts[0]
-    if first.device.type != "cpu" or first.dtype != torch.bfloat16 or not first.numel():
+    if first.device.type != "cpu" or first.dtype not in _KERNEL_DTYPES or not first.numel():
         return None
     if any(t.dtype != first.dtype or t.shape != first.shape or not t.is_contiguous() for t in ts):
         return None
