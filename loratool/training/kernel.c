@@ -48,7 +48,7 @@
 #include "../native.h"
 
 /* Element access by dtype: E is bf16 (uint16_t, rounded to nearest even on the way down) or f32
-   (float as it is). Every pass below is built for both, per instruction set. */
+   (float as it is). SwiGLU's and RMSNorm's passes are built for both, per instruction set. */
 typedef uint16_t elt_bf16;
 typedef float elt_f32;
 #define UP_bf16(x) bf16_up(x)
