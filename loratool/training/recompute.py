@@ -41,7 +41,7 @@ class RMSNorm(torch.autograd.Function):
         if fused is not None:
             y = torch.empty_like(x)
             rstd = torch.empty(*x.shape[:-1], 1, dtype=torch.float32)
-            views = (byte_view(t) for t in (x, weight, y, rstd))
+            views = (byte_view(t) for t in (x, _own(weight), y, rstd))
             fused.rms_norm(*views, x.shape[-1], eps, x.element_size())
             ctx.save_for_backward(x, weight, rstd)
             return y
@@ -57,7 +57,7 @@ class RMSNorm(torch.autograd.Function):
         fused = _norm_kernel(x, weight, grad_y) if rstd.dtype == torch.float32 else None
         if fused is not None and not ctx.needs_input_grad[1]:
             gx = torch.empty_like(x)
-            views = (byte_view(t) for t in (x, weight, rstd, grad_y, gx))
+            views = (byte_view(t) for t in (x, _own(weight), rstd, grad_y, gx))
             fused.rms_norm_backward(*views, x.shape[-1], x.element_size())
             return gx, None, None
         xhat = x.float() * rstd  # fp32, as in forward
@@ -105,6 +105,13 @@ class SwiGLU(torch.autograd.Function):
 
 
 _KERNEL_DTYPES = (torch.bfloat16, torch.float32)  # the passes' element types
+
+
+def _own(weight: torch.Tensor) -> torch.Tensor:
+    """A copy of a norm's weight (one row) for ``byte_view``: its numpy export marks a tensor's
+    storage as never resizable, and FSDP frees a gathered parameter by resizing its storage to 0
+    after the layer's forward (the pass on the parameter itself failed every ``--fsdp`` run)."""
+    return weight.detach().clone()
 
 
 def _norm_kernel(x: torch.Tensor, weight: torch.Tensor, *more: torch.Tensor) -> Any:
