@@ -258,3 +258,15 @@ def test_norm_kernel_refuses_bad_buffers_and_leaves_trained_weights_to_torch() -
     xx = torch.randn(4, 8, dtype=torch.bfloat16, requires_grad=True)
     recompute.RMSNorm.apply(xx, wt, 1e-5).sum().backward()
     assert wt.grad is not None and xx.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_norm_pass_leaves_the_weight_resizable(dtype: torch.dtype) -> None:
+    """FSDP frees a gathered parameter by resizing its storage to 0 after the layer's forward; a
+    numpy export of the weight (``byte_view``) would make that raise."""
+    _built()
+    w = torch.ones(8, dtype=dtype)
+    x = torch.randn(4, 8, dtype=dtype, requires_grad=True)
+    assert recompute._norm_kernel(x, w) is not None  # the pass, not torch's ops
+    recompute.RMSNorm.apply(x, w, 1e-5).sum().backward()
+    w.untyped_storage().resize_(0)
