@@ -17,8 +17,9 @@
    version in recompute.py makes ~14 passes over [tokens, intermediate] fp32 temporaries (16 ms
    a layer of SmolLM2 at 2048 tokens here); this is one pass over the arrays and σ, which
    torch's own sigmoid computes first: with the same operations in the same order (no FMA
-   contraction), the gradients are the torch path's bit for bit. (A polynomial e^x here was 1 ulp off torch's on a
-   few elements in a million: enough to move a training run's trajectory.)
+   contraction), the gradients are the torch path's bit for bit. (A polynomial e^x here was
+   1 ulp off torch's on a few elements in a million: enough to move a training run's
+   trajectory.)
 
    Attention (attention.py, ShortAttention): for bf16 scores S = q·kᵀ of one document, [heads,
    n, n], ``attention_probs`` writes P = softmax(scale·S) over each row's causal keys (j ≤ i) in
@@ -365,10 +366,12 @@ static int norm_buffers(PyObject **o, int count, const int *kind, int first_out,
         }
         Py_ssize_t len = b[got].len;
         if (rows < 0 && kind[got] == 0 && d > 0) rows = len / (itemsize * d);
-        Py_ssize_t want = kind[got] == 0 ? itemsize * d * rows : kind[got] == 1 ? itemsize * d : 4 * rows;
+        Py_ssize_t want = kind[got] == 0   ? itemsize * d * rows
+                          : kind[got] == 1 ? itemsize * d
+                                           : 4 * rows;
         if (!PyBuffer_IsContiguous(&b[got], 'C') || d < 1 || len != want) {
-            PyErr_Format(PyExc_ValueError, "%s: [rows, d] and a weight [d] of one dtype, fp32 [rows]",
-                         what);
+            PyErr_Format(PyExc_ValueError,
+                         "%s: [rows, d] and a weight [d] of one dtype, fp32 [rows]", what);
             got++;
             break;
         }
